@@ -1,0 +1,308 @@
+"""Public empirical-kernel API, argument-compatible with neural-tangents' empirical kernels."""
+from __future__ import annotations
+
+import collections
+import enum
+import functools
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_dynamics._checks import describe
+from ntk_dynamics.kernels import axes as axes_lib
+from ntk_dynamics.kernels import batching
+from ntk_dynamics.kernels import jacobian_contraction
+from ntk_dynamics.kernels import ntk_vector_products
+
+PyTree = Any
+Axes = Union[int, Sequence[int]]
+
+
+class NtkImplementation(enum.IntEnum):
+  """How Θ(x1, x2) = J(x1) J(x2)ᵀ is evaluated (the three methods of Novak et al., 2022).
+
+  AUTO: pick the cheapest method for the given model and shapes.
+  JACOBIAN_CONTRACTION: build each parameter leaf's Jacobian and contract it.
+  NTK_VECTOR_PRODUCTS: one VJP and one JVP per column of Θ; never forms a Jacobian.
+  STRUCTURED_DERIVATIVES: contract the structure of each primitive's derivative (dense:
+    input Gram times cotangent Gram) instead of materialising it.
+  """
+  AUTO = 0
+  JACOBIAN_CONTRACTION = 1
+  NTK_VECTOR_PRODUCTS = 2
+  STRUCTURED_DERIVATIVES = 3
+
+
+EmpiricalKernel = collections.namedtuple("EmpiricalKernel", ["nngp", "ntk"])
+
+
+def _check_inputs(x1: PyTree, x2: Optional[PyTree],
+                  vmap_axes: Optional[batching.VmapAxes]) -> None:
+  if vmap_axes is not None:
+    vmap_axes.batch_size(x1)
+  if x2 is None:
+    return
+  s1, s2 = jax.tree.structure(x1), jax.tree.structure(x2)
+  if s1 != s2:
+    raise ValueError(f"`x1` has pytree structure {s1} but `x2` has {s2}; they must match.")
+  batch_axes = ([0] * len(jax.tree.leaves(x1)) if vmap_axes is None
+                else vmap_axes.leaf_in_axes(x1))
+  if vmap_axes is not None:
+    vmap_axes.batch_size(x2)
+  for a, b, ax in zip(jax.tree.leaves(x1), jax.tree.leaves(x2), batch_axes):
+    sa, sb = list(np.shape(a)), list(np.shape(b))
+    if ax is not None and len(sa) == len(sb) and len(sa) > 0:
+      del sa[ax], sb[ax]
+    if sa != sb:
+      raise ValueError(f"`x1` and `x2` have different feature shapes: x1 {np.shape(a)} vs "
+                       f"x2 {np.shape(b)} (they may differ only along the batch axis "
+                       f"{ax if ax is not None else 0}).")
+
+
+def _output_shapes(f: Callable, params: PyTree, x: PyTree, kwargs: dict, name: str) -> PyTree:
+  try:
+    fx = jax.eval_shape(functools.partial(f, **kwargs), params, x)
+  except Exception as e:  # re-raised with what the user passed, keeping the cause
+    raise ValueError(f"f(params, {name}) failed: {type(e).__name__}: {e}\n  params: "
+                     f"{describe(params)}\n  {name}: {describe(x)}.\nCheck that `params` "
+                     "is the pytree `f` expects.") from e
+  for o in jax.tree.leaves(fx):
+    if not jnp.issubdtype(o.dtype, jnp.inexact):
+      raise ValueError(f"f(params, {name}) has an output leaf of dtype {o.dtype}; kernels "
+                       "need floating-point outputs.")
+  return fx
+
+
+def _check_params(params: PyTree) -> None:
+  leaves = jax.tree.leaves(params)
+  if not leaves:
+    raise ValueError("`params` has no array leaves: there is nothing to differentiate.")
+  for p in leaves:
+    if not jnp.issubdtype(jnp.result_type(p), jnp.inexact):
+      raise ValueError(f"`params` has a leaf of dtype {jnp.result_type(p)} and shape "
+                       f"{np.shape(p)}; all parameters must be floating point.")
+
+
+def _check_output_pair(fx1: PyTree, fx2: PyTree, output_axes: axes_lib.OutputAxes,
+                       vmap_axes: Optional[batching.VmapAxes]) -> None:
+  if jax.tree.structure(fx1) != jax.tree.structure(fx2):
+    raise ValueError("f(params, x1) and f(params, x2) have different output structures.")
+  outs2 = jax.tree.leaves(fx2)
+  for o1, o2 in zip(jax.tree.leaves(fx1), outs2):
+    if o1.ndim != o2.ndim:
+      raise ValueError(f"f(params, x1) has an output of shape {o1.shape} but f(params, x2) "
+                       f"{o2.shape}.")
+    trace, diagonal = output_axes.for_rank(o1.ndim)
+    for a in trace | diagonal:
+      if o1.shape[a] != o2.shape[a]:
+        raise ValueError(f"Output axis {a} is traced or diagonal but has size {o1.shape[a]} "
+                         f"for x1 and {o2.shape[a]} for x2.")
+  if vmap_axes is not None:
+    vmap_axes.leaf_out_axes(fx1)
+
+
+def _resolve(implementation, f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2):
+  implementation = NtkImplementation(implementation)
+  if implementation == NtkImplementation.STRUCTURED_DERIVATIVES:
+    raise NotImplementedError(
+        "NtkImplementation.STRUCTURED_DERIVATIVES is not available yet; use AUTO, "
+        "JACOBIAN_CONTRACTION or NTK_VECTOR_PRODUCTS.")
+  if implementation == NtkImplementation.AUTO:
+    from ntk_dynamics.kernels import choice
+    implementation = choice.choose(f, params, x1, x2, kwargs, output_axes, vmap_axes,
+                                   fx1, fx2)
+  return implementation
+
+
+def _ntk(f, params, x1, x2, kwargs, output_axes, vmap_axes, implementation,
+         per_parameter: bool) -> PyTree:
+  """Validated NTK; per-parameter results have `params`' structure with kernel leaves."""
+  _check_params(params)
+  _check_inputs(x1, x2, vmap_axes)
+  fx1 = _output_shapes(f, params, x1, kwargs, "x1")
+  fx2 = fx1 if x2 is None else _output_shapes(f, params, x2, kwargs, "x2")
+  _check_output_pair(fx1, fx2, output_axes, vmap_axes)
+  implementation = _resolve(implementation, f, params, x1, x2, kwargs, output_axes,
+                            vmap_axes, fx1, fx2)
+  if implementation == NtkImplementation.JACOBIAN_CONTRACTION:
+    parts = jacobian_contraction.ntk(f, params, x1, x2, kwargs, output_axes, vmap_axes,
+                                     fx1, fx2)
+    if per_parameter:
+      return jax.tree.structure(params).unflatten(parts)
+    return jax.tree.map(lambda *ks: functools.reduce(jnp.add, ks), *parts)
+  if implementation == NtkImplementation.NTK_VECTOR_PRODUCTS:
+    if not per_parameter:
+      return ntk_vector_products.ntk(f, params, x1, x2, kwargs, output_axes, vmap_axes,
+                                     fx1, fx2)
+    leaves, treedef = jax.tree.flatten(params)
+    parts = []
+    for i in range(len(leaves)):
+      def f_leaf(leaf, x, i=i, **kw):
+        return f(treedef.unflatten(leaves[:i] + [leaf] + leaves[i + 1:]), x, **kw)
+      parts.append(ntk_vector_products.ntk(f_leaf, leaves[i], x1, x2, kwargs, output_axes,
+                                           vmap_axes, fx1, fx2))
+    return treedef.unflatten(parts)
+  raise ValueError(f"Unknown implementation {implementation!r}.")
+
+
+def _split_static(kwargs: dict) -> tuple[dict, tuple]:
+  """Array-valued kwargs are traced; everything else (flags, strings) is a static key."""
+  dynamic, static = {}, []
+  for k, v in kwargs.items():
+    leaves = jax.tree.leaves(v)
+    if leaves and all(isinstance(l, (jax.Array, np.ndarray)) for l in leaves):
+      dynamic[k] = v
+    else:
+      static.append((k, v))
+  return dynamic, tuple(sorted(static, key=lambda kv: kv[0]))
+
+
+def _jitted(compute: Callable) -> Callable:
+  """Jits `compute(x1, x2, params, **kwargs)`, with non-array kwargs as static arguments."""
+  cache: dict = {}
+
+  def call(x1, x2, params, **kwargs):
+    dynamic, static = _split_static(kwargs)
+    try:
+      fn = cache.get(static)
+    except TypeError:  # unhashable static kwargs: run eagerly rather than fail
+      return compute(x1, x2, params, **kwargs)
+    if fn is None:
+      fn = cache[static] = jax.jit(
+          lambda a, b, p, dyn: compute(a, b, p, **dyn, **dict(static)))
+    return fn(x1, x2, params, dynamic)
+
+  return call
+
+
+def empirical_ntk_fn(f: Callable[..., PyTree], trace_axes: Axes = (-1,),
+                     diagonal_axes: Axes = (), vmap_axes: Any = None,
+                     implementation: Union[NtkImplementation, int] = NtkImplementation.AUTO,
+                     per_parameter: bool = False) -> Callable[..., PyTree]:
+  """Empirical neural tangent kernel Θ(x1, x2) = Σ_θ ∂f(x1)/∂θ ∂f(x2)/∂θᵀ of `f`.
+
+  Args:
+    f: `f(params, x, **kwargs) -> outputs`; params, inputs and outputs may be pytrees.
+    trace_axes: output axes summed over matching x1/x2 entries and divided by their size
+      (default: the logits axis, giving an (N1, N2) kernel for (N, K) outputs).
+    diagonal_axes: output axes where only matching entries are computed; `(0,)` gives the
+      per-example kernel Θ(x_i, x_i).
+    vmap_axes: None, an int, or `(in_axes, out_axes, kwargs_axes)`: certifies that output
+      entries along `out_axes` depend only on the inputs along `in_axes`, so derivatives are
+      taken per example. Leave None for models that mix examples (batch statistics, attention
+      across the batch).
+    implementation: an `NtkImplementation`.
+    per_parameter: if True, return the contributions of every parameter leaf (a pytree of
+      `params`' structure whose leaves are kernels; they sum to Θ).
+
+  Returns:
+    `ntk_fn(x1, x2, params, **kwargs)`; `x2=None` means x2 = x1 (Jacobians computed once).
+    For each output leaf of shape (N, D1, …), the kernel has two axes per output axis
+    (x1's then x2's) except traced axes (none) and diagonal axes (one): e.g. (N1, N2) for
+    traced (N, K) logits, (N1, N2, K1, K2) with `trace_axes=()`. The result has the output
+    pytree's structure. The call is jit-compiled per shape and non-array kwargs.
+  """
+  output_axes = axes_lib.OutputAxes.create(trace_axes, diagonal_axes)
+  vmap = batching.VmapAxes.create(vmap_axes)
+  NtkImplementation(implementation)
+
+  def compute(x1, x2, params, **kwargs):
+    return _ntk(f, params, x1, x2, kwargs, output_axes, vmap, implementation, per_parameter)
+
+  return _jitted(compute)
+
+
+def _nngp(f, params, x1, x2, kwargs, output_axes) -> PyTree:
+  _check_params(params)
+  _check_inputs(x1, x2, None)
+  fx1 = _output_shapes(f, params, x1, kwargs, "x1")
+  fx2 = fx1 if x2 is None else _output_shapes(f, params, x2, kwargs, "x2")
+  _check_output_pair(fx1, fx2, output_axes, None)
+  out1 = f(params, x1, **kwargs)
+  out2 = out1 if x2 is None else f(params, x2, **kwargs)
+  return jax.tree.map(lambda a, b: axes_lib.contract(a, b, a.shape, output_axes), out1, out2)
+
+
+def empirical_nngp_fn(f: Callable[..., PyTree], trace_axes: Axes = (-1,),
+                      diagonal_axes: Axes = ()) -> Callable[..., PyTree]:
+  """Empirical NNGP kernel f(params, x1) f(params, x2)ᵀ, with the axis semantics and output
+  layout of `empirical_ntk_fn`. Returns `nngp_fn(x1, x2, params, **kwargs)`."""
+  output_axes = axes_lib.OutputAxes.create(trace_axes, diagonal_axes)
+
+  def compute(x1, x2, params, **kwargs):
+    return _nngp(f, params, x1, x2, kwargs, output_axes)
+
+  return _jitted(compute)
+
+
+def empirical_kernel_fn(f: Callable[..., PyTree], trace_axes: Axes = (-1,),
+                        diagonal_axes: Axes = (), vmap_axes: Any = None,
+                        implementation: Union[NtkImplementation, int] = NtkImplementation.AUTO
+                        ) -> Callable[..., Any]:
+  """Both empirical kernels behind one function, as in neural-tangents.
+
+  Returns `kernel_fn(x1, x2, get, params, **kwargs)` where `get` is `'ntk'`, `'nngp'` (one
+  kernel), a tuple of them (an `EmpiricalKernel` namedtuple restricted to those fields, in
+  that order) or None (both, as `EmpiricalKernel(nngp, ntk)`).
+  """
+  fns = {"ntk": empirical_ntk_fn(f, trace_axes, diagonal_axes, vmap_axes, implementation),
+         "nngp": empirical_nngp_fn(f, trace_axes, diagonal_axes)}
+
+  def kernel_fn(x1, x2, get, params, **kwargs):
+    if get is None:
+      names = ("nngp", "ntk")
+    elif isinstance(get, str):
+      names = (get,)
+    else:
+      names = tuple(get)
+    unknown = [g for g in names if g not in fns]
+    if unknown or not names:
+      raise ValueError(f"`get`={get!r}: expected 'ntk', 'nngp', a tuple of them, or None.")
+    values = {g: fns[g](x1, x2, params, **kwargs) for g in names}
+    if isinstance(get, str):
+      return values[get]
+    return collections.namedtuple("EmpiricalKernel", names)(*(values[g] for g in names))
+
+  return kernel_fn
+
+
+def ntk_vp_fn(f: Callable[..., PyTree], x1: PyTree, x2: Optional[PyTree], params: PyTree,
+              **kwargs) -> Callable[[PyTree], PyTree]:
+  """Matrix-free NTK-vector product `v ↦ Θ(x1, x2) v`, never forming Θ or a Jacobian.
+
+  Args:
+    f: `f(params, x, **kwargs)`.
+    x1, x2: inputs; `x2=None` means x2 = x1 (one linearization serves both sides).
+    params: parameters at which the kernel is taken.
+
+  Returns:
+    `vp(v)` with `v` shaped like `f(params, x2)` and the result shaped like `f(params, x1)`:
+    (Θ v)[i] = Σ_j Θ[i, j] v[j] over all output entries (no trace over any axis). Costs one
+    VJP and one JVP; jittable, and `jax.vmap` over `v` evaluates several products at once.
+  """
+  _check_params(params)
+  _check_inputs(x1, x2, None)
+  fx1 = _output_shapes(f, params, x1, kwargs, "x1")
+  fx2 = fx1 if x2 is None else _output_shapes(f, params, x2, kwargs, "x2")
+  _, jvp1 = jax.linearize(lambda p: f(p, x1, **kwargs), params)
+  if x2 is None:
+    transpose = jax.linear_transpose(jvp1, params)
+    vjp2 = lambda v: transpose(v)[0]
+  else:
+    _, vjp_fn = jax.vjp(lambda p: f(p, x2, **kwargs), params)
+    vjp2 = lambda v: vjp_fn(v)[0]
+
+  def vp(v: PyTree) -> PyTree:
+    if jax.tree.structure(v) != jax.tree.structure(fx2):
+      raise ValueError(f"ntk_vp_fn: `v` has structure {jax.tree.structure(v)}, expected that "
+                       f"of f(params, x2): {jax.tree.structure(fx2)}.")
+    for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(fx2)):
+      if np.shape(a) != b.shape:
+        raise ValueError(f"ntk_vp_fn: `v` has a leaf of shape {np.shape(a)}, expected "
+                         f"{b.shape} (the shape of f(params, x2)).")
+    v = jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), v, fx2)
+    return jvp1(vjp2(v))
+
+  return vp

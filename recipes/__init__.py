@@ -1,0 +1,1 @@
+"""Runnable experiments behind the `ntk-dynamics` command line."""

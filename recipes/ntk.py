@@ -1,0 +1,95 @@
+"""`ntk-dynamics ntk`: the empirical NTK of a Haiku MLP on sklearn's digits.
+
+Prints the kernel's shape, trace, eigenvalue range and condition number, and the time taken
+by every implementation (after compilation), with their agreement.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--dataset", default="digits", help="'digits' or tfds:NAME")
+  p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir")
+  p.add_argument("--n", type=int, default=256, help="number of examples (x2 = x1)")
+  p.add_argument("--width", type=int, default=512)
+  p.add_argument("--depth", type=int, default=2, help="hidden layers")
+  p.add_argument("--full", action="store_true",
+                 help="full (N, N, K, K) kernel instead of the logit-traced (N, N) one")
+  p.add_argument("--repeats", type=int, default=3, help="timed calls per implementation")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=None, help="folder for metrics.json (optional)")
+
+
+def _time(fn, repeats: int) -> tuple[float, object]:
+  import jax
+  out = jax.block_until_ready(fn())  # compile
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  times.sort()
+  return times[len(times) // 2], out
+
+
+def run(args: argparse.Namespace) -> int:
+  import jax
+  import numpy as np
+
+  import ntk_dynamics as nd
+  from ntk_dynamics import models, runs
+  import tasks
+
+  if args.n <= 0 or args.width <= 0 or args.depth < 0 or args.repeats <= 0:
+    raise SystemExit("--n, --width and --repeats must be positive and --depth non-negative.")
+  data = tasks.load_dataset(args.dataset, data_dir=args.data_dir, n_train=args.n,
+                            seed=args.seed)
+  x = jax.numpy.asarray(data.x_train.reshape(len(data.x_train), -1))
+  model = models.mlp([args.width] * args.depth, data.num_classes)
+  params = model.init(jax.random.PRNGKey(args.seed), x[:1])
+  f = nd.from_haiku(model)
+  trace_axes = () if args.full else (-1,)
+
+  print(f"MLP {x.shape[1]}-" + "-".join([str(args.width)] * args.depth) +
+        f"-{data.num_classes} on {args.dataset}, N={len(x)}, "
+        f"{'full' if args.full else 'traced'} kernel, jax {jax.__version__} on "
+        f"{jax.devices()[0].platform}")
+  rows, kernels = [], {}
+  calls = [("default (AUTO, vmap_axes=None)", nd.NtkImplementation.AUTO, None)]
+  calls += [(f"{impl.name}, vmap_axes=0", impl, 0) for impl in nd.NtkImplementation]
+  for label, impl, vmap_axes in calls:
+    fn = nd.empirical_ntk_fn(f, trace_axes=trace_axes, vmap_axes=vmap_axes,
+                             implementation=impl)
+    try:
+      seconds, k = _time(lambda: fn(x, None, params), args.repeats)
+    except NotImplementedError as e:
+      rows.append((label, None, str(e).split(";")[0]))
+      continue
+    kernels[label] = np.asarray(k, np.float64)
+    rows.append((label, seconds, ""))
+
+  ref = next(iter(kernels.values()))
+  mat = ref if not args.full else ref.transpose(0, 2, 1, 3).reshape(
+      ref.shape[0] * ref.shape[2], -1)
+  eig = np.linalg.eigvalsh((mat + mat.T) / 2)
+  lam_min, lam_max = float(eig[0]), float(eig[-1])
+  cond = lam_max / lam_min if lam_min > 0 else float("inf")
+  print(f"kernel shape {ref.shape}, trace {np.trace(mat):.6g}, eigenvalues "
+        f"[{lam_min:.4g}, {lam_max:.4g}], condition number {cond:.4g}")
+  print(f"{'implementation':40s} {'seconds':>10s} {'max rel. diff':>14s}")
+  scale = np.max(np.abs(ref))
+  for label, seconds, note in rows:
+    if seconds is None:
+      print(f"{label:40s} {'n/a':>10s}  {note}")
+      continue
+    diff = np.max(np.abs(kernels[label] - ref)) / scale
+    print(f"{label:40s} {seconds:10.4f} {diff:14.2e}")
+  if args.out:
+    runs.atomic_write_json(f"{args.out}/metrics.json", {
+        "config": vars(args) | {"_module": None},
+        "shape": list(ref.shape), "trace": float(np.trace(mat)), "lambda_min": lam_min,
+        "lambda_max": lam_max, "condition_number": cond,
+        "seconds": {label: s for label, s, _ in rows}})
+  return 0

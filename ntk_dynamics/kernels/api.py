@@ -13,6 +13,7 @@ import numpy as np
 from ntk_dynamics._checks import describe
 from ntk_dynamics.kernels import axes as axes_lib
 from ntk_dynamics.kernels import batching
+from ntk_dynamics.kernels import independence
 from ntk_dynamics.kernels import jacobian_contraction
 from ntk_dynamics.kernels import ntk_vector_products
 
@@ -116,6 +117,12 @@ def _resolve(implementation, f, params, x1, x2, kwargs, output_axes, vmap_axes, 
   return implementation
 
 
+def _provably_per_example(f, params, x1, x2, kwargs) -> bool:
+  """Whether the per-example path is safe although the user passed `vmap_axes=None`."""
+  return all(independence.is_per_example(f, params, x, kwargs)
+             for x in ((x1,) if x2 is None else (x1, x2)))
+
+
 def _ntk(f, params, x1, x2, kwargs, output_axes, vmap_axes, implementation,
          per_parameter: bool) -> PyTree:
   """Validated NTK; per-parameter results have `params`' structure with kernel leaves."""
@@ -124,6 +131,8 @@ def _ntk(f, params, x1, x2, kwargs, output_axes, vmap_axes, implementation,
   fx1 = _output_shapes(f, params, x1, kwargs, "x1")
   fx2 = fx1 if x2 is None else _output_shapes(f, params, x2, kwargs, "x2")
   _check_output_pair(fx1, fx2, output_axes, vmap_axes)
+  if vmap_axes is None and _provably_per_example(f, params, x1, x2, kwargs):
+    vmap_axes = batching.VmapAxes(0, 0, {})
   implementation = _resolve(implementation, f, params, x1, x2, kwargs, output_axes,
                             vmap_axes, fx1, fx2)
   if implementation == NtkImplementation.JACOBIAN_CONTRACTION:
@@ -191,8 +200,9 @@ def empirical_ntk_fn(f: Callable[..., PyTree], trace_axes: Axes = (-1,),
       per-example kernel Θ(x_i, x_i).
     vmap_axes: None, an int, or `(in_axes, out_axes, kwargs_axes)`: certifies that output
       entries along `out_axes` depend only on the inputs along `in_axes`, so derivatives are
-      taken per example. Leave None for models that mix examples (batch statistics, attention
-      across the batch).
+      taken per example. With None, the jaxpr of `f` is analysed and the per-example path
+      (axis 0) is taken only when independence is proven; models that mix examples (batch
+      statistics, attention across the batch) keep the whole-batch path.
     implementation: an `NtkImplementation`.
     per_parameter: if True, return the contributions of every parameter leaf (a pytree of
       `params`' structure whose leaves are kernels; they sum to Θ).

@@ -1,0 +1,249 @@
+"""Static proof that `f(params, x)` treats examples independently (so `vmap_axes=0` is safe).
+
+The jaxpr of `f` is walked once with an abstract state per variable:
+  * `Example(k)`: axis k indexes examples and entry i depends on example i only;
+  * `Constant(uniform)`: does not depend on x; `uniform` lists axes along which the value is
+    known to be constant (they came from broadcasting), so combining it with an example axis
+    there keeps examples apart;
+  * `MIXED`: may combine several examples.
+Each primitive maps input states to output states. Anything without a rule, or any doubt,
+gives MIXED: the analysis may miss independence (then the default path is slower) but never
+claims it falsely. It is what lets `empirical_ntk_fn(f)` with default arguments take the
+per-example path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.extend as jex
+import numpy as np
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  axis: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant:
+  uniform: frozenset
+
+
+MIXED = "mixed"
+State = Any
+
+_ELEMENTWISE = set("""
+abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type copy
+copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt igamma imag integer_pow
+is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or pow real
+reduce_precision rem round rsqrt select_n sign sin sinh sqrt square sub tan tanh xor
+shift_left shift_right_logical shift_right_arithmetic population_count clz stop_gradient
+""".split())
+_REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
+               "reduce_or", "reduce_xor", "argmax", "argmin"}
+_CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
+          "core_call": "call_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr",
+          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+          "custom_vjp_call_jaxpr": "fun_jaxpr"}
+
+
+def _shape(v) -> tuple:
+  return tuple(getattr(v.aval, "shape", ()))
+
+
+def _const_uniform(state: Constant, shape: tuple, out_shape: tuple) -> frozenset:
+  """Axes along which an elementwise operand is constant, size-1 broadcasting included."""
+  if len(shape) != len(out_shape):
+    return frozenset()
+  return state.uniform | {a for a, s in enumerate(shape) if s == 1 and out_shape[a] != 1}
+
+
+def _elementwise(states, shapes, out_shape) -> State:
+  axes = {s.axis for s in states if isinstance(s, Example)}
+  if not axes:
+    uniform = functools.reduce(frozenset.__and__, [
+        _const_uniform(s, sh, out_shape) for s, sh in zip(states, shapes)
+        if isinstance(s, Constant) and len(sh)], frozenset(range(len(out_shape))))
+    return Constant(uniform)
+  if len(axes) > 1:
+    return MIXED
+  k = axes.pop()
+  for s, sh in zip(states, shapes):
+    if isinstance(s, Example) and sh[k] != out_shape[k]:
+      return MIXED
+    if isinstance(s, Constant) and len(sh) and k not in _const_uniform(s, sh, out_shape):
+      return MIXED
+  return Example(k)
+
+
+def _reshape(k: int, shape: tuple, new: tuple) -> State:
+  before = math.prod(shape[:k])
+  prods = np.cumprod((1,) + tuple(new))
+  for j in range(len(new)):
+    if prods[j] == before and new[j] == shape[k]:
+      return Example(j)
+  return MIXED
+
+
+def _dot_general(eqn, states, shapes) -> State:
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  ls, rs = states
+  lshape, rshape = shapes
+  lfree = [a for a in range(len(lshape)) if a not in lc and a not in lb]
+  rfree = [a for a in range(len(rshape)) if a not in rc and a not in rb]
+  # Output: batch dims, then lhs free, then rhs free.
+  if isinstance(ls, Example) and isinstance(rs, Example):
+    if ls.axis in lb and rs.axis in rb and lb.index(ls.axis) == rb.index(rs.axis):
+      return Example(lb.index(ls.axis))
+    return MIXED
+  for side, (s, c, b, free, other, offset) in enumerate((
+      (ls, lc, lb, lfree, rs, len(lb)), (rs, rc, rb, rfree, ls, len(lb) + len(lfree)))):
+    if not isinstance(s, Example):
+      continue
+    if s.axis in c:
+      return MIXED
+    if s.axis in b:
+      ob = (rb if side == 0 else lb)[b.index(s.axis)]
+      if not isinstance(other, Constant) or ob not in other.uniform:
+        return MIXED
+      return Example(b.index(s.axis))
+    return Example(offset + free.index(s.axis))
+  uniform = set()
+  for s, b, free, offset in ((ls, lb, lfree, len(lb)), (rs, rb, rfree, len(lb) + len(lfree))):
+    uniform |= {offset + i for i, a in enumerate(free) if a in s.uniform}
+  return Constant(frozenset(uniform))
+
+
+def _conv(eqn, states) -> State:
+  ls, rs = states
+  if isinstance(rs, Example) or not isinstance(ls, Example):
+    return MIXED if isinstance(rs, Example) else Constant(frozenset())
+  dn = eqn.params["dimension_numbers"]
+  if eqn.params.get("batch_group_count", 1) != 1 or ls.axis != dn.lhs_spec[0]:
+    return MIXED
+  return Example(dn.out_spec[0])
+
+
+def _gather(eqn, states, shapes) -> State:
+  operand, indices = states
+  dn = eqn.params["dimension_numbers"]
+  if isinstance(operand, Example) or not isinstance(indices, Example):
+    return MIXED if isinstance(operand, Example) else Constant(frozenset())
+  if getattr(dn, "operand_batching_dims", ()) or indices.axis == len(shapes[1]) - 1:
+    return MIXED
+  out_rank = len(eqn.outvars[0].aval.shape)
+  batch_positions = [a for a in range(out_rank) if a not in dn.offset_dims]
+  return Example(batch_positions[indices.axis])
+
+
+def _transfer(eqn, states) -> list[State]:
+  name = eqn.primitive.name
+  shapes = [_shape(v) for v in eqn.invars]
+  out_shapes = [_shape(v) for v in eqn.outvars]
+  p = eqn.params
+  if name in _CALLS and _CALLS[name] in p:
+    sub = p[_CALLS[name]]
+    sub = getattr(sub, "jaxpr", sub)
+    if len(sub.invars) != len(states):
+      return [MIXED] * len(eqn.outvars)
+    return _walk(sub, states)
+  if any(s == MIXED for s in states):
+    return [MIXED] * len(eqn.outvars)
+  if not any(isinstance(s, Example) for s in states):
+    if name == "broadcast_in_dim":
+      dims = p["broadcast_dimensions"]
+      kept = {dims[a] for a in states[0].uniform} if states else set()
+      new = {a for a in range(len(out_shapes[0])) if a not in dims}
+      grown = {dims[a] for a, s in enumerate(shapes[0]) if s == 1 and out_shapes[0][dims[a]] != 1}
+      return [Constant(frozenset(kept | new | grown))]
+    if name in _ELEMENTWISE:
+      return [_elementwise(states, shapes, out_shapes[0])]
+    return [Constant(frozenset())] * len(eqn.outvars)
+  if name in _ELEMENTWISE:
+    return [_elementwise(states, shapes, out_shapes[0])] * len(eqn.outvars)
+  k = next(s.axis for s in states if isinstance(s, Example))
+  if name == "broadcast_in_dim":
+    j = p["broadcast_dimensions"][k]
+    return [Example(j) if out_shapes[0][j] == shapes[0][k] else MIXED]
+  if name == "reshape":
+    return [_reshape(k, shapes[0], out_shapes[0])]
+  if name == "transpose":
+    return [Example(list(p["permutation"]).index(k))]
+  if name == "squeeze":
+    dims = [d % len(shapes[0]) for d in p["dimensions"]]
+    return [MIXED if k in dims else Example(k - sum(d < k for d in dims))]
+  if name in _REDUCTIONS:
+    axes = p["axes"]
+    return [MIXED if k in axes else Example(k - sum(a < k for a in axes))] * len(eqn.outvars)
+  if name in _CUMULATIVE:
+    return [MIXED if p["axis"] == k else Example(k)]
+  if name == "dot_general":
+    return [_dot_general(eqn, states, shapes)]
+  if name == "conv_general_dilated":
+    return [_conv(eqn, states)]
+  if name == "gather":
+    return [_gather(eqn, states, shapes)]
+  if name == "concatenate":
+    if p["dimension"] == k or any(isinstance(s, Example) and s.axis != k for s in states):
+      return [MIXED]
+    return [_elementwise([s if isinstance(s, Example) else s for s in states],
+                         [tuple(sh[:k]) + (out_shapes[0][k],) + tuple(sh[k + 1:])
+                          for sh in shapes], out_shapes[0])]
+  if name == "pad":
+    lo, hi, interior = p["padding_config"][k]
+    return [Example(k) if (lo, hi, interior) == (0, 0, 0) and
+            isinstance(states[1], Constant) else MIXED]
+  if name == "slice":
+    start, limit = p["start_indices"][k], p["limit_indices"][k]
+    strides = p["strides"] or [1] * len(shapes[0])
+    return [Example(k) if (start, limit, strides[k]) == (0, shapes[0][k], 1) else MIXED]
+  if name == "sort":
+    return [MIXED if p["dimension"] == k else Example(k)] * len(eqn.outvars)
+  return [MIXED] * len(eqn.outvars)
+
+
+def _walk(jaxpr, in_states: Sequence[State]) -> list[State]:
+  env: dict = {}
+
+  def read(v):
+    if isinstance(v, jex.core.Literal):
+      return Constant(frozenset(range(len(_shape(v)))))
+    return env.get(v, Constant(frozenset()))
+
+  for v, s in zip(jaxpr.invars, in_states):
+    env[v] = s
+  for v in jaxpr.constvars:
+    env[v] = Constant(frozenset())
+  for eqn in jaxpr.eqns:
+    outs = _transfer(eqn, [read(v) for v in eqn.invars])
+    for v, s in zip(eqn.outvars, outs):
+      env[v] = s
+  return [read(v) for v in jaxpr.outvars]
+
+
+def is_per_example(f: Callable, params: PyTree, x: PyTree, kwargs: Optional[dict] = None,
+                   axis: int = 0) -> bool:
+  """True only if every output of `f(params, x, **kwargs)` provably depends, along `axis`,
+  on the matching example of every input leaf alone (inputs and outputs batched on `axis`).
+  Non-array kwargs are static; array kwargs are treated as shared, unbatched constants."""
+  kwargs = kwargs or {}
+  x_leaves = jax.tree.leaves(x)
+  if not x_leaves or any(np.ndim(l) <= axis for l in x_leaves):
+    return False
+  closed = jax.make_jaxpr(lambda p, xx: f(p, xx, **kwargs))(params, x)
+  n_params = len(jax.tree.leaves(params))
+  states = [Constant(frozenset())] * n_params + [Example(axis)] * len(x_leaves)
+  outs = _walk(closed.jaxpr, states)
+  out_avals = closed.out_avals
+  n = {np.shape(l)[axis] for l in x_leaves}
+  if len(n) != 1:
+    return False
+  return all(isinstance(s, Example) and s.axis == axis and len(a.shape) > axis and
+             a.shape[axis] == n.copy().pop() for s, a in zip(outs, out_avals))

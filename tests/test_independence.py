@@ -1,0 +1,101 @@
+"""The per-example analysis must never claim independence falsely, and should find it in the
+common models, so that `empirical_ntk_fn(f)` with default arguments takes the fast path."""
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ntk_dynamics as nd
+from ntk_dynamics.kernels.independence import is_per_example
+
+X = jnp.asarray(np.random.RandomState(0).randn(5, 3, 4))
+P = {"w": jnp.ones((12, 3)), "b": jnp.ones(3)}
+
+
+def flat(x):
+  return x.reshape(x.shape[0], -1)
+
+
+def _haiku(fn, x, *args):
+  m = hk.without_apply_rng(hk.transform(fn))
+  return m.apply, m.init(jax.random.PRNGKey(0), x, *args)
+
+
+def _cnn(x):
+  h = jax.nn.relu(hk.Conv2D(4, 3, stride=2, rate=1)(x))
+  h = hk.Conv2D(4, 3, feature_group_count=2, rate=2)(h)
+  h = hk.LayerNorm(-1, True, True)(h)
+  return hk.Linear(3)(hk.Flatten()(h))
+
+
+def _embed_attention(t):
+  e = hk.Embed(10, 6)(t)
+  a = hk.MultiHeadAttention(2, 3, w_init=hk.initializers.VarianceScaling(1.0))(e, e, e)
+  return hk.Linear(2)(a.mean(1))
+
+
+INDEPENDENT = {
+    "mlp": (lambda p, x: jax.nn.relu(jnp.tanh(flat(x) @ p["w"]) + p["b"]), P, X),
+    "pytree out": (lambda p, x: {"a": flat(x) @ p["w"], "b": (flat(x) ** 2).sum(-1)}, P, X),
+    "transpose back": (lambda p, x: (flat(x).T * 2.0).T @ p["w"], P, X),
+    "cnn": _haiku(_cnn, jnp.ones((4, 8, 8, 2))) + (jnp.ones((4, 8, 8, 2)),),
+    "embedding+attention over tokens": _haiku(_embed_attention, jnp.ones((4, 7), jnp.int32))
+                                       + (jnp.ones((4, 7), jnp.int32),),
+}
+
+MIXING = {
+    "batch mean": (lambda p, x: flat(x) @ p["w"] - (flat(x) @ p["w"]).mean(0), P, X),
+    "position over batch": (lambda p, x: flat(x) @ p["w"] + jnp.arange(5.0)[:, None], P, X),
+    "attention across batch": (
+        lambda p, x: jax.nn.softmax(flat(x) @ flat(x).T) @ (flat(x) @ p["w"]), P, X),
+    "roll over batch": (lambda p, x: jnp.roll(flat(x) @ p["w"], 1, axis=0), P, X),
+    "flatten batch away": (lambda p, x: (x.reshape(-1, 12) @ p["w"]).reshape(-1), P, X),
+    "batch max": (lambda p, x: flat(x) @ p["w"] * jnp.max(x), P, X),
+    "cumsum over batch": (lambda p, x: jnp.cumsum(flat(x) @ p["w"], axis=0), P, X),
+    "sort over batch": (lambda p, x: jnp.sort(flat(x) @ p["w"], axis=0), P, X),
+}
+
+
+@pytest.mark.parametrize("name", INDEPENDENT)
+def test_finds_independence(name):
+  f, params, x = INDEPENDENT[name]
+  assert is_per_example(f, params, x)
+
+
+@pytest.mark.parametrize("name", MIXING)
+def test_never_claims_false_independence(name):
+  f, params, x = MIXING[name]
+  assert not is_per_example(f, params, x)
+  # Cross-check that the model really is not per-example: evaluating one example at a time
+  # changes the outputs or their shapes, or the input Jacobian couples examples.
+  out = jax.tree.leaves(f(params, x))[0]
+  single = jax.vmap(lambda xi: jax.tree.leaves(f(params, xi[None]))[0][0])(x)
+  if out.shape == single.shape and np.allclose(out, single):
+    jac = np.asarray(jax.jacfwd(lambda xx: jax.tree.leaves(f(params, xx))[0])(x))
+    jac = jac.reshape(out.shape[0], -1, x.shape[0], x[0].size)
+    off_diagonal = jac * (1 - np.eye(x.shape[0]))[:, None, :, None]
+    assert np.any(off_diagonal != 0)
+
+
+def test_batchnorm_train_mixes_eval_does_not():
+  def fwd(x, is_training):
+    return hk.Linear(3)(hk.BatchNorm(True, True, 0.9)(hk.Flatten()(x), is_training))
+  m = hk.without_apply_rng(hk.transform_with_state(fwd))
+  params, state = m.init(jax.random.PRNGKey(0), X, True)
+  assert not is_per_example(lambda p, x: m.apply(p, state, x, True)[0], params, X)
+  assert is_per_example(lambda p, x: m.apply(p, state, x, False)[0], params, X)
+
+
+def test_default_call_matches_explicit_vmap_and_mixing_model_stays_exact():
+  # A mixing model through the default path must equal the whole-batch reference.
+  f, params, x = MIXING["batch mean"]
+  jac = jax.jacrev(f)(params, x)
+  ref = sum(np.einsum("ia...,ja...->ij", j, j) for j in jax.tree.leaves(jac)) / 3
+  np.testing.assert_allclose(nd.empirical_ntk_fn(f)(x, None, params), ref, rtol=1e-5,
+                             atol=1e-5)
+  # An independent model: defaults equal the certified per-example call.
+  f, params, x = INDEPENDENT["mlp"]
+  np.testing.assert_allclose(nd.empirical_ntk_fn(f)(x, None, params),
+                             nd.empirical_ntk_fn(f, vmap_axes=0)(x, None, params),
+                             rtol=1e-6, atol=1e-6)

@@ -1,0 +1,216 @@
+"""Kernel/target layout and argument checks shared by the closed forms and the ODE solver.
+
+Kernels follow neural-tangents' layout: for targets `y_train` of shape S and `trace_axes` T,
+`k_train_train` has the shape of `zip(S', S')` where S' is S without the axes in T, e.g.
+y (n, k) with `trace_axes=(-1,)` -> kernel (n, n); with `trace_axes=()` -> (n, n, k, k). A
+traced kernel stands for Θ ⊗ I on the traced axes. Internally every kernel is flattened to a
+matrix over the A = prod(S') untraced entries and every target to an (A, C) matrix whose C
+columns are the traced entries, so all dynamics are plain matrix algebra.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_dynamics._checks import check_finite
+
+Axes = Union[int, Sequence[int]]
+
+
+def is_concrete(x: Any) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_scalar(fn: str, name: str, value: Any, *, positive: bool = False,
+                 upper: Optional[float] = None) -> None:
+  """Raises unless `value` is a finite real scalar >= 0 (> 0 if `positive`, < `upper`)."""
+  if np.ndim(value) != 0:
+    raise ValueError(f"{fn}: `{name}` must be a scalar, got shape {np.shape(value)}.")
+  if not is_concrete(value):
+    return
+  v = float(value)
+  low_ok = v > 0 if positive else v >= 0
+  high_ok = upper is None or v < upper
+  if not (math.isfinite(v) and low_ok and high_ok):
+    bound = "> 0" if positive else ">= 0"
+    if upper is not None:
+      bound += f" and < {upper}"
+    raise ValueError(f"{fn}: `{name}` must be a finite scalar {bound}, got {v!r}.")
+
+
+def check_symmetric(fn: str, name: str, matrix: jax.Array, shape: tuple) -> None:
+  """Raises if a concrete flattened kernel is not symmetric up to rounding."""
+  if not is_concrete(matrix):
+    return
+  m = np.asarray(matrix)
+  scale = float(np.max(np.abs(m))) if m.size else 0.0
+  # Loose enough for kernels accumulated in float32 (J₁J₂ᵀ and J₂J₁ᵀ round differently, by
+  # up to ~√eps₃₂ relative), tight enough to reject a test-train or otherwise wrong kernel.
+  tol = math.sqrt(np.finfo(np.float32).eps) * scale
+  asym = float(np.max(np.abs(m - m.T))) if m.size else 0.0
+  if asym > tol:
+    raise ValueError(f"{fn}: `{name}` (shape {shape}) is not symmetric: max |K - Kᵀ| = "
+                     f"{asym:.3g} exceeds {tol:.3g} (√eps_float32 × max |K|). Pass the train-train "
+                     "kernel Θ(x_train, x_train).")
+
+
+def check_times(fn: str, name: str, t: jax.Array, *, integer: bool) -> jax.Array:
+  """Validates times/step counts (non-negative, finite, integer-valued if `integer`)."""
+  t = jnp.asarray(t)
+  if integer and not jnp.issubdtype(t.dtype, jnp.integer) and is_concrete(t):
+    values = np.asarray(t)
+    if not np.all(np.isfinite(values) & (values == np.round(values))):
+      raise ValueError(f"{fn}: `{name}` counts gradient steps and must be integer-valued, got "
+                       f"an array of shape {values.shape} with non-integer entries (e.g. "
+                       f"{values[values != np.round(values)].ravel()[:3]}).")
+  if is_concrete(t):
+    values = np.asarray(t)
+    bad = ~np.isfinite(values) | (values < 0) if values.dtype.kind == "f" else values < 0
+    if np.any(bad):
+      raise ValueError(f"{fn}: `{name}` (shape {values.shape}) must be finite and >= 0; got "
+                       f"{values[bad].ravel()[:3]}.")
+  if integer and not jnp.issubdtype(t.dtype, jnp.integer):
+    return jnp.round(t).astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+  if not integer and not jnp.issubdtype(t.dtype, jnp.floating):
+    return t.astype(jnp.result_type(float))  # flows square t; integer dtypes could overflow
+  return t
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How targets of shape `shape` with traced axes `trace_axes` map to (A, C) matrices."""
+  shape: tuple[int, ...]
+  trace_axes: tuple[int, ...]
+
+  @classmethod
+  def create(cls, fn: str, y_train: Any, trace_axes: Axes) -> "Layout":
+    shape = tuple(np.shape(y_train))
+    ndim = len(shape)
+    axes = (trace_axes,) if isinstance(trace_axes, numbers.Integral) else tuple(trace_axes)
+    if any(not isinstance(a, numbers.Integral) or not -ndim <= a < ndim for a in axes):
+      raise ValueError(f"{fn}: `trace_axes` {trace_axes!r} must be integers in [-{ndim}, "
+                       f"{ndim}) for `y_train` of shape {shape}.")
+    canonical = tuple(sorted(int(a) % ndim for a in axes))
+    if len(set(canonical)) != len(canonical):
+      raise ValueError(f"{fn}: `trace_axes` {trace_axes!r} repeats an axis of `y_train` "
+                       f"(shape {shape}).")
+    if len(canonical) == ndim:
+      raise ValueError(f"{fn}: `trace_axes` {trace_axes!r} traces every axis of `y_train` "
+                       f"(shape {shape}); at least the batch axis must remain.")
+    return cls(shape, canonical)
+
+  @property
+  def kept_axes(self) -> tuple[int, ...]:
+    return tuple(a for a in range(len(self.shape)) if a not in self.trace_axes)
+
+  @property
+  def kept_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[a] for a in self.kept_axes)
+
+  @property
+  def traced_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[a] for a in self.trace_axes)
+
+  @property
+  def size(self) -> int:
+    """Number of entries of `y_train`: the MSE normalisation N."""
+    return math.prod(self.shape)
+
+  @property
+  def kernel_shape(self) -> tuple[int, ...]:
+    return tuple(d for d in self.kept_shape for _ in range(2))
+
+  def _describe(self) -> str:
+    return (f"`y_train` shape {self.shape} with `trace_axes` "
+            f"{tuple(a - len(self.shape) for a in self.trace_axes)}")
+
+  def train_kernel(self, fn: str, name: str, kernel: Any) -> jax.Array:
+    """Validates `kernel` (zipped layout) and returns it as an (A, A) matrix."""
+    kernel = jnp.asarray(kernel)
+    if kernel.shape != self.kernel_shape:
+      raise ValueError(f"{fn}: `{name}` has shape {kernel.shape}; expected "
+                       f"{self.kernel_shape}: each untraced axis of {self._describe()} "
+                       "appears twice, zipped (N1, N2, K1, K2, ...).")
+    check_finite(name, kernel)
+    matrix = zipped_to_matrix(kernel)
+    check_symmetric(fn, name, matrix, kernel.shape)
+    return matrix
+
+  def test_shape(self, fn: str, name: str, kernel: Any) -> tuple[int, ...]:
+    """Validates a test-train kernel (zipped layout); returns the test target shape."""
+    shape = tuple(np.shape(kernel))
+    train_kept = self.kept_shape
+    if len(shape) != 2 * len(train_kept) or shape[1::2] != train_kept:
+      expected = ", ".join(f"M{i}, {d}" for i, d in enumerate(train_kept, 1))
+      raise ValueError(f"{fn}: `{name}` has shape {shape}; expected ({expected}) for test "
+                       f"sizes M1, ...: the zipped test and train untraced axes for "
+                       f"{self._describe()}.")
+    check_finite(name, kernel)
+    test_shape = list(self.shape)
+    for a, d in zip(self.kept_axes, shape[0::2]):
+      test_shape[a] = d
+    return tuple(test_shape)
+
+  def to_matrix(self, x: jax.Array) -> jax.Array:
+    """(shape-like) -> (A', C): untraced entries as rows, traced entries as columns."""
+    nt = len(self.trace_axes)
+    moved = jnp.moveaxis(x, self.trace_axes, range(x.ndim - nt, x.ndim))
+    return moved.reshape(-1, math.prod(self.traced_shape))
+
+  def from_matrix(self, m: jax.Array, shape: tuple, lead: tuple = ()) -> jax.Array:
+    """Inverse of `to_matrix` for targets of `shape`, keeping leading axes `lead`."""
+    kept = tuple(shape[a] for a in self.kept_axes)
+    x = m.reshape(lead + kept + self.traced_shape)
+    nl, nt = len(lead), len(self.trace_axes)
+    return jnp.moveaxis(x, range(x.ndim - nt, x.ndim), tuple(nl + a for a in self.trace_axes))
+
+
+def zipped_to_matrix(kernel: jax.Array) -> jax.Array:
+  """(M1, N1, M2, N2, ...) -> (M1·M2·..., N1·N2·...)."""
+  rows, cols = kernel.shape[0::2], kernel.shape[1::2]
+  order = tuple(range(0, kernel.ndim, 2)) + tuple(range(1, kernel.ndim, 2))
+  return kernel.transpose(order).reshape(math.prod(rows), math.prod(cols))
+
+
+def check_prediction_inputs(fn: str, layout: Layout, fx_train_0: Any, fx_test_0: Any,
+                            k_test_train: Any) -> Optional[tuple[int, ...]]:
+  """Checks the arguments of a returned `predict` (neural-tangents semantics).
+
+  Returns the shape of the test targets, or None when no test predictions are asked for.
+  """
+  if fx_train_0 is None and fx_test_0 is None:
+    raise ValueError(f"{fn}: both `fx_train_0` and `fx_test_0` are None, so there is nothing "
+                     "to predict.")
+  if fx_test_0 is not None and k_test_train is None:
+    raise ValueError(f"{fn}: `fx_test_0` was given but `k_test_train` is None; test "
+                     "predictions need the test-train kernel.")
+  if fx_train_0 is not None:
+    if np.ndim(fx_train_0) and np.shape(fx_train_0) != layout.shape:
+      raise ValueError(f"{fn}: `fx_train_0` has shape {np.shape(fx_train_0)}; expected the "
+                       f"`y_train` shape {layout.shape} (or a scalar).")
+    check_finite("fx_train_0", fx_train_0)
+  if fx_test_0 is None:
+    return None
+  test_shape = layout.test_shape(fn, "k_test_train", k_test_train)
+  if np.ndim(fx_test_0) and np.shape(fx_test_0) != test_shape:
+    raise ValueError(f"{fn}: `fx_test_0` has shape {np.shape(fx_test_0)}; expected "
+                     f"{test_shape} (from `k_test_train` shape {np.shape(k_test_train)} and "
+                     f"`y_train` shape {layout.shape}), or a scalar.")
+  check_finite("fx_test_0", fx_test_0)
+  return test_shape
+
+
+def initial_outputs(y: jax.Array, fx_train_0: Any, fx_test_0: Any,
+                    test_shape: Optional[tuple[int, ...]]):
+  """Broadcasts checked initial outputs to full arrays (None for train means zeros, as NT)."""
+  f0 = jnp.zeros_like(y) if fx_train_0 is None else jnp.broadcast_to(
+      jnp.asarray(fx_train_0, y.dtype), y.shape)
+  ft0 = None if fx_test_0 is None else jnp.broadcast_to(
+      jnp.asarray(fx_test_0, y.dtype), test_shape)
+  return f0, ft0

@@ -1,0 +1,390 @@
+"""Closed-form MSE dynamics against explicit training of the linearized model (float64).
+
+References never use the function-space eigendecomposition: discrete steps run `optax.sgd`
+on `linearize(f, params)`; flows solve the parameter-space ODE of the (quadratic) loss with
+`scipy.linalg.expm`. Kernels are computed here with `jax.jacrev`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import haiku as hk  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+import scipy.linalg  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+
+from ntk_dynamics import dynamics  # noqa: E402
+from ntk_dynamics.linearize import linearize  # noqa: E402
+
+RTOL = 1e-8
+STEPS = 60
+
+
+LOSSES = {
+    "mse": lambda fx, y: 0.5 * jnp.mean((fx - y) ** 2),
+    "cross_entropy": lambda fx, y: optax.softmax_cross_entropy(fx, y).mean(),
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+  """A model, its data, and its Jacobians and reference kernels at the initial parameters."""
+  f: Callable[..., jax.Array]
+  params: Any
+  x_train: jax.Array
+  y_train: jax.Array
+  x_test: jax.Array
+  trace_axes: tuple
+  jac_train: np.ndarray  # (n_train, k, P)
+  jac_test: np.ndarray  # (n_test, k, P)
+
+  @property
+  def fx_train_0(self):
+    return self.f(self.params, self.x_train)
+
+  @property
+  def fx_test_0(self):
+    return self.f(self.params, self.x_test)
+
+  def _kernel(self, j1):
+    full = np.einsum("iap,jbp->ijab", j1, self.jac_train)
+    return np.einsum("ijaa->ij", full) / full.shape[-1] if self.trace_axes else full
+
+  @property
+  def k_train_train(self):
+    return self._kernel(self.jac_train)
+
+  @property
+  def k_test_train(self):
+    return self._kernel(self.jac_test)
+
+  def kernel_matrix(self) -> np.ndarray:
+    """The train-train kernel flattened to (A, A) (zipped -> row-major over (n, k))."""
+    k = self.k_train_train
+    return k if k.ndim == 2 else k.transpose(0, 2, 1, 3).reshape(k.shape[0] * k.shape[2], -1)
+
+  def absolute_reg(self, diag_reg: float) -> float:
+    """ρ for a relative `diag_reg`: diag_reg × mean diagonal of the flattened kernel."""
+    return float(diag_reg * np.mean(np.diagonal(self.kernel_matrix())))
+
+
+def _problem(f, params, rng, n_train, n_test, d, k, traced) -> Problem:
+  x_train = jnp.asarray(rng.normal(size=(n_train, d)))
+  x_test = jnp.asarray(rng.normal(size=(n_test, d)))
+  y_train = jnp.asarray(rng.normal(size=(n_train, k)))
+  flat, unravel = ravel_pytree(params)
+  jac = jax.jit(lambda x: jax.jacrev(lambda p: f(unravel(p), x))(flat))
+  return Problem(f, params, x_train, y_train, x_test, (-1,) if traced else (),
+                 np.asarray(jac(x_train)), np.asarray(jac(x_test)))
+
+
+@functools.lru_cache(maxsize=None)
+def random_features_problem(width: int = 12, seed: int = 0) -> Problem:
+  """Trained readout on fixed tanh features: Θ_full = Θ ⊗ I exactly, so a traced kernel is
+  exact for this model."""
+  rng = np.random.default_rng(seed)
+  d, k = 3, 2
+  v = jnp.asarray(rng.normal(size=(d, width)))
+
+  def f(p, x):
+    return jnp.tanh(x @ v + 0.3) @ p["w"] + p["b"]
+
+  params = {"w": jnp.asarray(rng.normal(size=(width, k)) / np.sqrt(width)),
+            "b": jnp.asarray(0.1 * rng.normal(size=(k,)))}
+  return _problem(f, params, rng, 8, 5, d, k, traced=True)
+
+
+@functools.lru_cache(maxsize=None)
+def mlp_problem(seed: int = 1) -> Problem:
+  """A Haiku tanh MLP with all parameters trained; its full (n, n, k, k) kernel."""
+  rng = np.random.default_rng(seed)
+  d, k = 3, 3
+  net = hk.without_apply_rng(hk.transform(
+      lambda x: hk.nets.MLP([8, 8, k], activation=jnp.tanh)(x)))
+  params = net.init(jax.random.PRNGKey(seed), jnp.zeros((1, d)))
+  return _problem(net.apply, params, rng, 6, 4, d, k, traced=False)
+
+
+PROBLEMS = {"traced": random_features_problem, "full": mlp_problem}
+
+
+@pytest.fixture(scope="module", params=sorted(PROBLEMS))
+def problem(request) -> Problem:
+  return PROBLEMS[request.param]()
+
+
+@functools.lru_cache(maxsize=None)
+def _sgd_runner(problem: Problem, loss_name: str, steps: int):
+  """Jitted training of `linearize(f, params)` by optax.sgd, compiled once per problem.
+
+  The trained parameters are θ and, for `slack` > 0, a free offset c per training output:
+  train outputs f_lin(θ, x_train) + √slack c (the model whose train-train kernel is
+  Θ + slack·I); `weight_decay` adds (weight_decay/2)‖θ − θ₀‖² to the loss.
+  """
+  f_lin = linearize(problem.f, problem.params)
+  loss_fn = LOSSES[loss_name]
+
+  def run(lr, momentum, slack, weight_decay):
+    def outputs(p):
+      train = f_lin(p["net"], problem.x_train) + jnp.sqrt(slack) * p["slack"]
+      return train, f_lin(p["net"], problem.x_test)
+
+    def loss(p):
+      delta = ravel_pytree(jax.tree.map(jnp.subtract, p["net"], problem.params))[0]
+      return loss_fn(outputs(p)[0], problem.y_train) + 0.5 * weight_decay * delta @ delta
+
+    opt = optax.sgd(lr, momentum)  # momentum 0 is plain gradient descent
+
+    def step(carry, _):
+      p, state = carry
+      updates, state = opt.update(jax.grad(loss)(p), state)
+      return (optax.apply_updates(p, updates), state), outputs(p)
+
+    p0 = {"net": problem.params, "slack": jnp.zeros_like(problem.y_train)}
+    (p_last, _), (train, test) = jax.lax.scan(step, (p0, opt.init(p0)), None, length=steps)
+    last_train, last_test = outputs(p_last)
+    return (jnp.concatenate([train, last_train[None]]),
+            jnp.concatenate([test, last_test[None]]))
+
+  return jax.jit(run)
+
+
+def sgd_trajectory(problem: Problem, lr: float, steps: int, momentum: float = 0.,
+                   slack: float = 0., weight_decay: float = 0., loss: str = "mse"):
+  """Outputs (train, test) after 0..steps steps of optax.sgd, stacked on axis 0."""
+  return _sgd_runner(problem, loss, steps)(lr, momentum, slack, weight_decay)
+
+
+def flow_reference(problem: Problem, lr: float, times, momentum: Optional[float] = None,
+                   slack: float = 0., weight_decay: float = 0.):
+  """Outputs at `times` (in steps) of the parameter-space flow z' = −η∇L(z), or of the
+  heavy-ball ODE z'' + (1 − m)z' = −η∇L(z), z'(0) = 0, for the MSE loss of the linearized
+  model (parameters z = (θ − θ₀, slack offsets) as in `_sgd_runner`). The loss is quadratic,
+  ∇L = H z + g, so `scipy.linalg.expm` solves it exactly."""
+  n_out = problem.y_train.size
+  jac = problem.jac_train.reshape(n_out, -1)
+  n_par = jac.shape[1]
+  b = np.concatenate([jac, np.sqrt(slack) * np.eye(n_out)], axis=1)  # train outputs per z
+  r0 = np.asarray(problem.fx_train_0 - problem.y_train).ravel()
+  hess = b.T @ b / n_out
+  hess[:n_par, :n_par] += weight_decay * np.eye(n_par)
+  grad0 = b.T @ r0 / n_out
+  p = hess.shape[0]
+  if momentum is None:  # state (z, 1)
+    gen = np.zeros((p + 1, p + 1))
+    gen[:p, :p], gen[:p, p] = -lr * hess, -lr * grad0
+  else:  # state (z, z', 1)
+    gen = np.zeros((2 * p + 1, 2 * p + 1))
+    gen[:p, p:2 * p] = np.eye(p)
+    gen[p:2 * p, :p] = -lr * hess
+    gen[p:2 * p, p:2 * p] = -(1. - momentum) * np.eye(p)
+    gen[p:2 * p, 2 * p] = -lr * grad0
+  z = np.stack([scipy.linalg.expm(t * gen)[:p, -1] for t in times])
+  train = np.asarray(problem.fx_train_0) + (z @ b.T).reshape((-1,) + problem.y_train.shape)
+  test = np.asarray(problem.fx_test_0) + np.einsum(
+      "iap,tp->tia", problem.jac_test, z[:, :n_par])
+  return train, test
+
+
+def assert_close(actual, expected, rtol=RTOL):
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  assert actual.shape == expected.shape
+  err = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+  assert err <= rtol, f"relative error {err:.3g} > {rtol:.1g}"
+
+
+def stable_lr(problem: Problem, fraction: float, momentum: float = 0.) -> float:
+  """`fraction` of the largest stable step 2(1+m)N/λ_max, computed here with numpy."""
+  lam_max = np.linalg.eigvalsh(problem.kernel_matrix())[-1]
+  return fraction * 2 * (1 + momentum) * problem.y_train.size / lam_max
+
+
+def _predict(factory, problem, t, **kwargs):
+  predict = factory(problem.k_train_train, problem.y_train, trace_axes=problem.trace_axes,
+                    **kwargs)
+  return predict(t, problem.fx_train_0, problem.fx_test_0, problem.k_test_train)
+
+
+@pytest.mark.parametrize("diag_reg", [0., 0.3])
+def test_flow_matches_parameter_space_flow(problem, diag_reg):
+  lr = stable_lr(problem, 0.5)
+  rho = problem.absolute_reg(diag_reg)
+  times = [0., 0.7, 5., 60.]
+  train, test = _predict(dynamics.gradient_descent_mse, problem, jnp.array(times),
+                         learning_rate=lr, diag_reg=diag_reg)
+  ref_train, ref_test = flow_reference(problem, lr, times, slack=rho)
+  assert_close(train, ref_train)
+  assert_close(test, ref_test)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+@pytest.mark.parametrize("diag_reg", [0., 0.3])
+def test_steps_match_optax_sgd(problem, momentum, diag_reg):
+  m = momentum or 0.
+  lr = stable_lr(problem, 0.45, m)
+  rho = problem.absolute_reg(diag_reg)
+  train, test = _predict(dynamics.gradient_descent_mse_steps, problem, jnp.arange(STEPS + 1),
+                         learning_rate=lr, momentum=m, diag_reg=diag_reg)
+  ref_train, ref_test = sgd_trajectory(problem, lr, STEPS, m, slack=rho)
+  assert_close(train, ref_train)
+  assert_close(test, ref_test)
+
+
+@pytest.mark.parametrize("diag_reg", [0., 0.3])
+def test_momentum_flow_matches_parameter_space_ode(problem, diag_reg):
+  lr, m = stable_lr(problem, 0.05), 0.8
+  rho = problem.absolute_reg(diag_reg)
+  times = [0., 1.5, 12., 90.]
+  train, test = _predict(dynamics.momentum_flow_mse, problem, jnp.array(times),
+                         learning_rate=lr, momentum=m, diag_reg=diag_reg)
+  ref_train, ref_test = flow_reference(problem, lr, times, m, slack=rho)
+  assert_close(train, ref_train)
+  assert_close(test, ref_test)
+
+
+def test_diag_reg_is_weight_decay_on_test_points(problem):
+  """ρ on the train kernel = L2 term (ρ/2N)‖θ − θ₀‖²: same test outputs, and the network's
+  own train outputs are the test predictions at x_test = x_train."""
+  lr, m = stable_lr(problem, 0.4, 0.5), 0.5
+  rho = problem.absolute_reg(0.5)
+  predict = dynamics.gradient_descent_mse_steps(
+      problem.k_train_train, problem.y_train, lr, momentum=m, diag_reg=rho,
+      diag_reg_absolute_scale=True, trace_axes=problem.trace_axes)
+  ks = jnp.arange(STEPS + 1)
+  _, test = predict(ks, problem.fx_train_0, problem.fx_test_0, problem.k_test_train)
+  _, net_train = predict(ks, problem.fx_train_0, problem.fx_train_0, problem.k_train_train)
+  ref_train, ref_test = sgd_trajectory(problem, lr, STEPS, m,
+                                       weight_decay=rho / problem.y_train.size)
+  assert_close(test, ref_test)
+  assert_close(net_train, ref_train)
+
+
+def test_relative_and_absolute_diag_reg_agree(problem):
+  rho = problem.absolute_reg(0.2)
+  kw = dict(learning_rate=stable_lr(problem, 0.5), trace_axes=problem.trace_axes)
+  rel = dynamics.gradient_descent_mse(problem.k_train_train, problem.y_train, diag_reg=0.2, **kw)
+  ab = dynamics.gradient_descent_mse(problem.k_train_train, problem.y_train, diag_reg=rho,
+                                     diag_reg_absolute_scale=True, **kw)
+  args = (problem.fx_train_0, problem.fx_test_0, problem.k_test_train)
+  for a, b in zip(rel(3., *args), ab(3., *args)):
+    assert_close(a, b, 1e-13)
+
+
+FACTORIES = {"flow": (dynamics.gradient_descent_mse, {}, 1e7),
+             "steps": (dynamics.gradient_descent_mse_steps, {"momentum": 0.6}, 10**7),
+             "momentum_flow": (dynamics.momentum_flow_mse, {"momentum": 0.6}, 1e7)}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("diag_reg", [0., 0.1])
+def test_infinite_time_equals_large_time(problem, name, diag_reg):
+  factory, kwargs, big = FACTORIES[name]
+  lr = stable_lr(problem, 0.5, kwargs.get("momentum", 0.))
+  predict = factory(problem.k_train_train, problem.y_train, lr, diag_reg=diag_reg,
+                    trace_axes=problem.trace_axes, **kwargs)
+  args = (problem.fx_train_0, problem.fx_test_0, problem.k_test_train)
+  inf_train, inf_test = predict(None, *args)
+  big_train, big_test = predict(big, *args)
+  np.testing.assert_array_equal(inf_train, problem.y_train)
+  assert_close(big_train, inf_train, 1e-9)
+  assert_close(big_test, inf_test, 1e-9)
+  # Kernel regression, independently of the library's solver.
+  mat = problem.kernel_matrix()
+  mat = mat + problem.absolute_reg(diag_reg) * np.eye(mat.shape[0])
+  residual = np.asarray(problem.y_train - problem.fx_train_0)
+  if problem.trace_axes:
+    expected = problem.fx_test_0 + problem.k_test_train @ np.linalg.solve(mat, residual)
+  else:
+    k_te = problem.k_test_train
+    k_te = k_te.transpose(0, 2, 1, 3).reshape(k_te.shape[0] * k_te.shape[2], -1)
+    expected = problem.fx_test_0 + (k_te @ np.linalg.solve(mat, residual.ravel())).reshape(
+        problem.fx_test_0.shape)
+  assert_close(inf_test, expected, 1e-10)
+
+
+def test_rank_deficient_kernel_zero_modes_are_exact():
+  """Fewer features than training points: Θ has (numerically) zero eigenvalues. Closed forms
+  stay exact (no division by λ) and t=None keeps the null-space part of the residual."""
+  problem = random_features_problem(width=3)
+  lam = np.linalg.eigvalsh(np.asarray(problem.k_train_train))
+  assert lam[0] < 1e-12 * lam[-1]
+  lr = stable_lr(problem, 0.5)
+  train, test = _predict(dynamics.gradient_descent_mse_steps, problem, jnp.arange(STEPS + 1),
+                         learning_rate=lr)
+  ref_train, ref_test = sgd_trajectory(problem, lr, STEPS)
+  assert_close(train, ref_train)
+  assert_close(test, ref_test)
+  flow_train, flow_test = _predict(dynamics.gradient_descent_mse, problem, jnp.array([3., 30.]),
+                                   learning_rate=lr)
+  ref_train, ref_test = flow_reference(problem, lr, [3., 30.])
+  assert_close(flow_train, ref_train)
+  assert_close(flow_test, ref_test)
+  inf_train, inf_test = _predict(dynamics.gradient_descent_mse, problem, None, learning_rate=lr)
+  # Rounding-noise eigenvalues (~1e-16 λ_max) still move a little at very large t.
+  big_train, big_test = _predict(dynamics.gradient_descent_mse, problem, 1e6, learning_rate=lr)
+  assert_close(big_train, inf_train, 1e-8)
+  assert_close(big_test, inf_test, 1e-8)
+  assert np.max(np.abs(inf_train - problem.y_train)) > 1e-3  # the null space does not fit
+
+
+def test_steps_approach_flow_for_small_learning_rate(problem):
+  """k steps of size η and the flow at t = k (flow time τ = η k) differ by O(η)."""
+  errors = []
+  for fraction in [0.02, 0.01]:
+    lr, k = stable_lr(problem, fraction), int(round(2. / fraction))  # same τ for both
+    steps = _predict(dynamics.gradient_descent_mse_steps, problem, k, learning_rate=lr)
+    flow = _predict(dynamics.gradient_descent_mse, problem, float(k), learning_rate=lr)
+    errors.append(max(np.max(np.abs(a - b)) for a, b in zip(steps, flow)))
+  assert 1.8 < errors[0] / errors[1] < 2.2
+
+
+def test_momentum_steps_approach_momentum_flow(problem):
+  """Discrete heavy ball → its continuous limit at fixed t√η: relative to the distance
+  travelled, the two differ by O(√η)."""
+  m, errors = 0.7, []
+  for fraction in [1e-4, 1e-6]:
+    lr = stable_lr(problem, fraction, m)
+    k = int(round(0.2 / np.sqrt(fraction)))
+    discrete = _predict(dynamics.gradient_descent_mse_steps, problem, k, learning_rate=lr,
+                        momentum=m)
+    flow = _predict(dynamics.momentum_flow_mse, problem, float(k), learning_rate=lr,
+                    momentum=m)
+    start = (problem.fx_train_0, problem.fx_test_0)
+    errors.append(max(np.max(np.abs(a - b)) / np.max(np.abs(b - c))
+                      for a, b, c in zip(discrete, flow, start)))
+  assert errors[1] < 1e-2
+  assert 8. < errors[0] / errors[1] < 14.  # √100 = 10, approached from above
+
+
+def test_curves_shapes_jit_and_output_selection(problem):
+  predict = dynamics.gradient_descent_mse(problem.k_train_train, problem.y_train, 0.5,
+                                          trace_axes=problem.trace_axes)
+  t = jnp.linspace(0., 50., 6).reshape(2, 3)
+  args = (problem.fx_train_0, problem.fx_test_0, problem.k_test_train)
+  train, test = predict(t, *args)
+  assert train.shape == (2, 3) + problem.y_train.shape
+  assert test.shape == (2, 3) + problem.fx_test_0.shape
+  jit_train, jit_test = jax.jit(predict)(t, *args)
+  assert_close(jit_train, train, 1e-13)
+  assert_close(jit_test, test, 1e-13)
+  scalar_train, scalar_test = predict(10., *args)
+  assert_close(scalar_train, train[0, 1], 1e-13)
+  assert_close(scalar_test, test[0, 1], 1e-13)
+  assert predict(t, problem.fx_train_0).shape == train.shape
+  # fx_train_0=None: test predictions only, with a zero initial train output (as NT).
+  only_test = predict(t, None, problem.fx_test_0, problem.k_test_train)
+  expected = predict(t, jnp.zeros_like(problem.y_train), *args[1:])[1]
+  assert_close(only_test, expected, 1e-13)
+  steps = dynamics.gradient_descent_mse_steps(problem.k_train_train, problem.y_train, 0.5,
+                                              momentum=0.5, trace_axes=problem.trace_axes)
+  ks = jnp.array([[0, 3], [17, 1000]])
+  assert_close(jax.jit(steps)(ks, *args)[1], steps(ks, *args)[1], 1e-13)

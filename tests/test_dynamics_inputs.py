@@ -1,0 +1,140 @@
+"""Bad input to the dynamics raises a ValueError naming the argument and the expectation;
+steps beyond the stable one warn with the figures."""
+from __future__ import annotations
+
+import warnings
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from ntk_dynamics import dynamics  # noqa: E402
+
+N, K, N_TEST = 5, 2, 3
+MSE = lambda fx, y: 0.5 * jnp.mean((fx - y) ** 2)  # noqa: E731
+FACTORIES = {
+    "flow": dynamics.gradient_descent_mse,
+    "steps": dynamics.gradient_descent_mse_steps,
+    "momentum_flow": dynamics.momentum_flow_mse,
+    "ode": lambda *a, **kw: dynamics.gradient_descent(MSE, *a, **kw),
+}
+
+
+def _data(seed=0):
+  rng = np.random.default_rng(seed)
+  feats = rng.normal(size=(N + N_TEST, 7))
+  kernel = feats @ feats.T / 7
+  return kernel[:N, :N], kernel[N:, :N], rng.normal(size=(N, K))
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+def factory(request):
+  return FACTORIES[request.param]
+
+
+@pytest.mark.parametrize("shape", [(N, N + 1), (N, N, K, K), (N,)])
+def test_kernel_shape_mismatch(factory, shape):
+  _, _, y = _data()
+  with pytest.raises(ValueError, match=r"`k_train_train` has shape .*expected \(5, 5\)"):
+    factory(np.ones(shape), y)
+
+
+def test_full_kernel_needs_trace_axes_matching(factory):
+  k, _, y = _data()
+  with pytest.raises(ValueError, match=r"expected \(5, 5, 2, 2\)"):
+    factory(k, y, trace_axes=())
+  with pytest.raises(ValueError, match="trace_axes"):
+    factory(k, y, trace_axes=(5,))
+  with pytest.raises(ValueError, match="traces every axis"):
+    factory(np.ones(()), y, trace_axes=(0, 1))
+
+
+def test_non_symmetric_or_non_finite_kernel(factory):
+  k, _, y = _data()
+  skew = k.copy()
+  skew[0, 1] += 0.1
+  with pytest.raises(ValueError, match="not symmetric"):
+    factory(skew, y)
+  bad = k.copy()
+  bad[2, 2] = np.nan
+  with pytest.raises(ValueError, match=r"`k_train_train` \(shape \(5, 5\)\) holds 1 non-finite"):
+    factory(bad, y)
+  with pytest.raises(ValueError, match="`y_train`.*non-finite"):
+    factory(k, np.full((N, K), np.inf))
+
+
+@pytest.mark.parametrize("kwargs,name", [({"learning_rate": -0.1}, "learning_rate"),
+                                         ({"learning_rate": 0.}, "learning_rate"),
+                                         ({"diag_reg": -1e-3}, "diag_reg"),
+                                         ({"learning_rate": np.ones(2)}, "learning_rate")])
+def test_bad_scalars(factory, kwargs, name):
+  k, _, y = _data()
+  with pytest.raises(ValueError, match=f"`{name}` must be"):
+    factory(k, y, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["steps", "momentum_flow", "ode"])
+@pytest.mark.parametrize("momentum", [1., -0.2, 1.5])
+def test_bad_momentum(name, momentum):
+  k, _, y = _data()
+  with pytest.raises(ValueError, match=r"`momentum` must be a finite scalar >= 0 and < 1"):
+    FACTORIES[name](k, y, momentum=momentum)
+
+
+def test_bad_prediction_arguments(factory):
+  k, k_te, y = _data()
+  predict = factory(k, y)
+  f0, ft0 = np.zeros((N, K)), np.zeros((N_TEST, K))
+  with pytest.raises(ValueError, match=r"`t` .* must be finite and >= 0"):
+    predict(np.array([1., -2.]), f0)
+  with pytest.raises(ValueError, match=r"`fx_train_0` has shape \(5, 3\); expected"):
+    predict(1., np.zeros((N, K + 1)))
+  with pytest.raises(ValueError, match="`k_test_train` is None"):
+    predict(1., f0, ft0)
+  with pytest.raises(ValueError, match="both `fx_train_0` and `fx_test_0` are None"):
+    predict(1., None)
+  with pytest.raises(ValueError, match=r"`k_test_train` has shape \(3, 4\); expected \(M1, 5\)"):
+    predict(1., f0, ft0, k_te[:, :4])
+  with pytest.raises(ValueError, match=r"`fx_test_0` has shape \(4, 2\); expected \(3, 2\)"):
+    predict(1., f0, np.zeros((N_TEST + 1, K)), k_te)
+  with pytest.raises(ValueError, match="`fx_test_0`.*non-finite"):
+    predict(1., f0, np.full((N_TEST, K), np.nan), k_te)
+
+
+def test_steps_must_be_integers():
+  k, _, y = _data()
+  predict = dynamics.gradient_descent_mse_steps(k, y)
+  with pytest.raises(ValueError, match="`t` counts gradient steps and must be integer-valued"):
+    predict(np.array([1., 2.5]), 0.)
+  np.testing.assert_allclose(predict(np.array([3.]), 0.), predict(np.array([3]), 0.))
+
+
+def test_ode_specific_errors():
+  k, _, y = _data()
+  with pytest.raises(ValueError, match="must return a scalar"):
+    dynamics.gradient_descent(lambda fx, yy: (fx - yy) ** 2, k, y)
+  with pytest.raises(ValueError, match="`t` must be given"):
+    dynamics.gradient_descent(MSE, k, y)(None, 0.)
+  with pytest.raises(ValueError, match="`max_steps` must be a positive integer"):
+    dynamics.gradient_descent(MSE, k, y, max_steps=0)
+  with pytest.raises(ValueError, match="`rtol` must be"):
+    dynamics.gradient_descent(MSE, k, y, rtol=-1.)
+
+
+@pytest.mark.parametrize("momentum", [0., 0.9])
+def test_unstable_step_warns_with_figures(momentum):
+  k, _, y = _data()
+  lam = np.linalg.eigvalsh(k)[-1]
+  limit = 2 * (1 + momentum) * y.size / lam
+  with pytest.warns(RuntimeWarning, match=rf"largest stable step .* = {limit:.6g}"):
+    dynamics.gradient_descent_mse_steps(k, y, 1.01 * limit, momentum=momentum)
+  with pytest.warns(RuntimeWarning, match="stable step"):  # diag_reg raises λ_max
+    dynamics.gradient_descent_mse_steps(k, y, 0.99 * limit, momentum=momentum, diag_reg=0.5)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    dynamics.gradient_descent_mse_steps(k, y, 0.99 * limit, momentum=momentum)
+    dynamics.gradient_descent_mse(k, y, 100 * limit)  # the flow has no stability limit

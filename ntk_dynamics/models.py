@@ -39,9 +39,9 @@ class Dense(hk.Module):
     if self.param == "ntk":
       w = hk.get_parameter("w", (fan_in, self.width), x.dtype, hk.initializers.RandomNormal())
       b = hk.get_parameter("b", (self.width,), x.dtype, hk.initializers.RandomNormal())
-      return self.w_std * (x @ w) / np.sqrt(fan_in) + self.b_std * b
+      return self.w_std * (x @ w) / float(np.sqrt(fan_in)) + self.b_std * b
     w = hk.get_parameter("w", (fan_in, self.width), x.dtype,
-                         hk.initializers.RandomNormal(self.w_std / np.sqrt(fan_in)))
+                         hk.initializers.RandomNormal(float(self.w_std / np.sqrt(fan_in))))
     b = hk.get_parameter("b", (self.width,), x.dtype,
                          hk.initializers.RandomNormal(self.b_std) if self.b_std
                          else jnp.zeros)
@@ -59,18 +59,18 @@ class Conv(hk.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     fan_in = 9 * x.shape[-1]
     shape = (3, 3, x.shape[-1], self.channels)
-    scale = 1.0 if self.param == "ntk" else self.w_std / np.sqrt(fan_in)
+    scale = 1.0 if self.param == "ntk" else float(self.w_std / np.sqrt(fan_in))
     w = hk.get_parameter("w", shape, x.dtype, hk.initializers.RandomNormal(scale))
     y = jax.lax.conv_general_dilated(x, w, (self.stride, self.stride), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.param == "ntk":
-      y = self.w_std * y / np.sqrt(fan_in)
+      y = self.w_std * y / float(np.sqrt(fan_in))
     b = hk.get_parameter("b", (self.channels,), x.dtype, jnp.zeros)
     return y + b
 
 
 def mlp(widths: Sequence[int], num_outputs: int, *, activation: str = "relu",
-        parameterization: str = "standard", w_std: float = np.sqrt(2.0),
+        parameterization: str = "standard", w_std: float = float(np.sqrt(2.0)),
         b_std: float = 0.0) -> hk.Transformed:
   """Fully connected network; inputs of any shape (N, ...) are flattened.
 
@@ -89,7 +89,7 @@ def mlp(widths: Sequence[int], num_outputs: int, *, activation: str = "relu",
 
 
 def cnn(channels: Sequence[int], num_outputs: int, *, activation: str = "relu",
-        parameterization: str = "standard", w_std: float = np.sqrt(2.0)) -> hk.Transformed:
+        parameterization: str = "standard", w_std: float = float(np.sqrt(2.0))) -> hk.Transformed:
   """3×3 convolutions on NHWC images, then global average pooling and a dense readout."""
   _check(parameterization, activation)
   act = ACTIVATIONS[activation]
@@ -105,7 +105,7 @@ def cnn(channels: Sequence[int], num_outputs: int, *, activation: str = "relu",
 
 
 def resnet(channels: int, num_blocks: int, num_outputs: int, *, activation: str = "relu",
-           parameterization: str = "standard", w_std: float = np.sqrt(2.0)) -> hk.Transformed:
+           parameterization: str = "standard", w_std: float = float(np.sqrt(2.0))) -> hk.Transformed:
   """Small pre-activation ResNet without normalization (per-example independent): a stem
   convolution, `num_blocks` residual blocks of two 3×3 convolutions, pooling, readout.
   Residual branches are scaled by 1/√2 so the forward variance stays constant with depth."""
@@ -117,7 +117,7 @@ def resnet(channels: int, num_blocks: int, num_outputs: int, *, activation: str 
     for i in range(num_blocks):
       r = Conv(channels, parameterization, w_std, name=f"block_{i}_a")(act(h))
       r = Conv(channels, parameterization, w_std, name=f"block_{i}_b")(act(r))
-      h = (h + r) / np.sqrt(2.0)
+      h = (h + r) / float(np.sqrt(2.0))
     h = act(h).mean(axis=(1, 2))
     return Dense(num_outputs, parameterization, 1.0, name="readout")(h)
 

@@ -26,6 +26,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
   try:
+    # mkstemp creates 0600 files; give the result the permissions of an ordinary new file.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     with os.fdopen(fd, "wb") as fh:
       fh.write(data)
       fh.flush()

@@ -4,6 +4,13 @@ from ntk_dynamics.dynamics.mse import (gradient_descent_mse, gradient_descent_ms
                                        momentum_flow_mse)
 from ntk_dynamics.dynamics.ode import gradient_descent
 from ntk_dynamics.dynamics.stability import largest_eigenvalue, max_learning_rate
+from ntk_dynamics.dynamics.curves import (Comparison, Curves, Prediction, Training,
+                                          UntrustedPredictionWarning, agreement_metrics,
+                                          compare_curves, kernel_drift, predict_curves,
+                                          sgd_hyperparameters, train_curves)
 
-__all__ = ["gradient_descent", "gradient_descent_mse", "gradient_descent_mse_steps",
-           "largest_eigenvalue", "max_learning_rate", "momentum_flow_mse"]
+__all__ = ["Comparison", "Curves", "Prediction", "Training", "UntrustedPredictionWarning",
+           "agreement_metrics", "compare_curves", "gradient_descent", "gradient_descent_mse",
+           "gradient_descent_mse_steps", "kernel_drift", "largest_eigenvalue",
+           "max_learning_rate", "momentum_flow_mse", "predict_curves", "sgd_hyperparameters",
+           "train_curves"]

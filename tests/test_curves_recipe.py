@@ -1,0 +1,105 @@
+"""`ntk-dynamics curves` end to end with tiny sizes: files, sweep, interrupts, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from ntk_dynamics import runs
+from ntk_dynamics.dynamics import curves
+from recipes import cli
+from recipes import curves as recipe
+
+TINY = ["--n-train", "24", "--n-test", "16", "--width", "32", "--steps", "20",
+        "--log-points", "6", "--drift-examples", "8", "--no-progress"]
+
+
+def _read_csv(path):
+  with open(path) as fh:
+    return list(csv.reader(fh))
+
+
+def test_single_run_writes_all_files(tmp_path, capsys):
+  out = tmp_path / "run"
+  assert cli.main(["curves", *TINY, "--out", str(out)]) == 0
+  for name in ("config.json", "metrics.json", "curves.csv", "plot.png"):
+    assert (out / name).stat().st_size > 0, name
+  rows = _read_csv(out / "curves.csv")
+  assert tuple(rows[0]) == curves.CURVE_COLUMNS
+  assert rows[1][0] == "0" and rows[-1][0] == "20"
+  assert rows[1][1] == rows[1][2]  # both curves start at the initial loss
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["status"] == "complete" and metrics["lr_ratio"] == pytest.approx(0.5)
+  assert metrics["width"] == 32 and metrics["kernel"] == "full"
+  for key in ("max_train_loss_deviation", "max_test_loss_deviation", "train_output_rmse",
+              "test_output_rmse", "ntk_drift", "lr_max"):
+    assert metrics[key] >= 0, key
+  config = json.loads((out / "config.json").read_text())
+  assert config["n_train"] == 24 and config["model"] == "mlp"
+  text = capsys.readouterr().out
+  assert "train loss pred" in text and "η_max" in text
+
+
+def test_sweep_xent_momentum_writes_table_and_plot(tmp_path, capsys):
+  out = tmp_path / "sweep"
+  with pytest.warns(curves.UntrustedPredictionWarning):  # narrow nets drift with xent
+    code = cli.main(["curves", *TINY, "--widths", "8,32", "--loss", "xent",
+                     "--optimizer", "momentum", "--lr-fraction", "0.2", "--out", str(out)])
+  assert code == 0
+  rows = _read_csv(out / "sweep.csv")
+  assert tuple(rows[0]) == recipe.SWEEP_COLUMNS
+  assert [r[0] for r in rows[1:]] == ["8", "32"]
+  assert (out / "sweep.png").stat().st_size > 0
+  for w in (8, 32):
+    m = json.loads((out / f"width{w}_seed0" / "metrics.json").read_text())
+    assert m["loss"] == "xent" and m["momentum"] == 0.9 and m["method"] == "gradient_descent"
+    assert (out / f"width{w}_seed0" / "plot.png").exists()
+  assert "max ΔL_train/L0" in capsys.readouterr().out
+
+
+def test_interrupt_leaves_complete_files(tmp_path, monkeypatch):
+  out = tmp_path / "interrupted"
+  real = runs.atomic_write_csv
+  calls = []
+
+  def write_then_interrupt(*args, **kwargs):
+    real(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(runs, "atomic_write_csv", write_then_interrupt)
+  assert cli.main(["curves", *TINY, "--out", str(out)]) == 130
+  rows = _read_csv(out / "curves.csv")
+  assert len(rows) > 4 and all(len(r) == len(curves.CURVE_COLUMNS) for r in rows)
+  actual = [r[2] for r in rows[1:]]
+  assert actual[:3] != ["nan"] * 3 and actual[3:] == ["nan"] * (len(actual) - 3)
+  assert json.loads((out / "metrics.json").read_text())["status"] == "training"
+  assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
+
+
+def test_learning_rate_beyond_stable_warns(tmp_path):
+  with pytest.warns(curves.UntrustedPredictionWarning, match="largest stable step"):
+    cli.main(["curves", *TINY, "--lr-fraction", "1.5", "--steps", "5",
+              "--out", str(tmp_path / "unstable")])
+  metrics = json.loads((tmp_path / "unstable" / "metrics.json").read_text())
+  assert metrics["trusted"] is False and metrics["lr_ratio"] == pytest.approx(1.5)
+
+
+def test_bad_arguments_give_clear_errors(tmp_path, capsys):
+  with pytest.raises(SystemExit, match="cannot load --dataset 'mnist'.*digits"):
+    cli.main(["curves", *TINY, "--dataset", "mnist", "--out", str(tmp_path / "a")])
+  with pytest.raises(SystemExit) as e:
+    cli.main(["curves", "--model", "transformer", "--out", str(tmp_path / "b")])
+  assert e.value.code == 2 and "invalid choice: 'transformer'" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="unknown model 'mlpp'"):
+    recipe.build_model("mlpp", 8, 1, 10, "ntk")
+  with pytest.raises(SystemExit, match="--momentum needs --optimizer momentum"):
+    cli.main(["curves", "--momentum", "0.5", "--out", str(tmp_path / "c")])
+  with pytest.raises(SystemExit, match="--widths must be comma-separated integers"):
+    cli.main(["curves", "--widths", "8,x", "--out", str(tmp_path / "d")])
+  with pytest.raises(SystemExit) as e:
+    cli.main(["curves", "--lr", "0.1", "--lr-fraction", "0.5"])
+  assert e.value.code == 2
+  assert not (tmp_path / "a").exists()  # nothing written before the inputs are valid

@@ -16,6 +16,7 @@ from ntk_dynamics.kernels import batching
 from ntk_dynamics.kernels import independence
 from ntk_dynamics.kernels import jacobian_contraction
 from ntk_dynamics.kernels import ntk_vector_products
+from ntk_dynamics.kernels import structured
 
 PyTree = Any
 Axes = Union[int, Sequence[int]]
@@ -106,10 +107,6 @@ def _check_output_pair(fx1: PyTree, fx2: PyTree, output_axes: axes_lib.OutputAxe
 
 def _resolve(implementation, f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2):
   implementation = NtkImplementation(implementation)
-  if implementation == NtkImplementation.STRUCTURED_DERIVATIVES:
-    raise NotImplementedError(
-        "NtkImplementation.STRUCTURED_DERIVATIVES is not available yet; use AUTO, "
-        "JACOBIAN_CONTRACTION or NTK_VECTOR_PRODUCTS.")
   if implementation == NtkImplementation.AUTO:
     from ntk_dynamics.kernels import choice
     implementation = choice.choose(f, params, x1, x2, kwargs, output_axes, vmap_axes,
@@ -135,9 +132,11 @@ def _ntk(f, params, x1, x2, kwargs, output_axes, vmap_axes, implementation,
     vmap_axes = batching.VmapAxes(0, 0, {})
   implementation = _resolve(implementation, f, params, x1, x2, kwargs, output_axes,
                             vmap_axes, fx1, fx2)
-  if implementation == NtkImplementation.JACOBIAN_CONTRACTION:
-    parts = jacobian_contraction.ntk(f, params, x1, x2, kwargs, output_axes, vmap_axes,
-                                     fx1, fx2)
+  if implementation in (NtkImplementation.JACOBIAN_CONTRACTION,
+                        NtkImplementation.STRUCTURED_DERIVATIVES):
+    method = (structured.ntk if implementation == NtkImplementation.STRUCTURED_DERIVATIVES
+              else jacobian_contraction.ntk)
+    parts = method(f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2)
     if per_parameter:
       return jax.tree.structure(params).unflatten(parts)
     return jax.tree.map(lambda *ks: functools.reduce(jnp.add, ks), *parts)
@@ -168,8 +167,11 @@ def _split_static(kwargs: dict) -> tuple[dict, tuple]:
   return dynamic, tuple(sorted(static, key=lambda kv: kv[0]))
 
 
-def _jitted(compute: Callable) -> Callable:
-  """Jits `compute(x1, x2, params, **kwargs)`, with non-array kwargs as static arguments."""
+def _jitted(compute: Callable, output_axes: axes_lib.OutputAxes) -> Callable:
+  """Jits `compute(x1, x2, params, **kwargs)`, with non-array kwargs as static arguments.
+
+  The returned function carries `output_axes` so wrappers (`batch`) know the kernel layout.
+  """
   cache: dict = {}
 
   def call(x1, x2, params, **kwargs):
@@ -183,6 +185,7 @@ def _jitted(compute: Callable) -> Callable:
           lambda a, b, p, dyn: compute(a, b, p, **dyn, **dict(static)))
     return fn(x1, x2, params, dynamic)
 
+  call.output_axes = output_axes
   return call
 
 
@@ -221,7 +224,7 @@ def empirical_ntk_fn(f: Callable[..., PyTree], trace_axes: Axes = (-1,),
   def compute(x1, x2, params, **kwargs):
     return _ntk(f, params, x1, x2, kwargs, output_axes, vmap, implementation, per_parameter)
 
-  return _jitted(compute)
+  return _jitted(compute, output_axes)
 
 
 def _nngp(f, params, x1, x2, kwargs, output_axes) -> PyTree:
@@ -244,7 +247,7 @@ def empirical_nngp_fn(f: Callable[..., PyTree], trace_axes: Axes = (-1,),
   def compute(x1, x2, params, **kwargs):
     return _nngp(f, params, x1, x2, kwargs, output_axes)
 
-  return _jitted(compute)
+  return _jitted(compute, output_axes)
 
 
 def empirical_kernel_fn(f: Callable[..., PyTree], trace_axes: Axes = (-1,),
@@ -273,9 +276,17 @@ def empirical_kernel_fn(f: Callable[..., PyTree], trace_axes: Axes = (-1,),
     values = {g: fns[g](x1, x2, params, **kwargs) for g in names}
     if isinstance(get, str):
       return values[get]
-    return collections.namedtuple("EmpiricalKernel", names)(*(values[g] for g in names))
+    return _kernel_tuple(names)(*(values[g] for g in names))
 
+  kernel_fn.output_axes = fns["ntk"].output_axes
   return kernel_fn
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_tuple(names: tuple[str, ...]) -> type:
+  # One class per field list, so results of several calls share a pytree type.
+  return (EmpiricalKernel if names == EmpiricalKernel._fields
+          else collections.namedtuple("EmpiricalKernel", names))
 
 
 def ntk_vp_fn(f: Callable[..., PyTree], x1: PyTree, x2: Optional[PyTree], params: PyTree,

@@ -77,14 +77,12 @@ def _ntk_batched(f, params, x1, x2, kwargs, output_axes, fx1, fx2, chunk_bytes):
 
 def _ntk_per_example(f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2,
                      chunk_bytes):
-  example1 = jax.tree.map(lambda leaf, a: leaf if a is None else jnp.take(leaf, 0, a),
-                          x1, jax.tree.structure(x1).unflatten(vmap_axes.leaf_in_axes(x1)))
-  g = batching.single_example_fn(f, vmap_axes, example1, fx1)
+  g = batching.single_example_fn(f, vmap_axes, x1, fx1)  # axes resolved on the batched x1
   out1_leaves, out_def = jax.tree.flatten(fx1)
   out2_leaves = out_def.flatten_up_to(fx2)
   b1 = vmap_axes.leaf_out_axes(fx1)
   x2_ = x1 if x2 is None else x2
-  batched_g = batching.vmap_over_examples(g, vmap_axes, x1)
+  batched_g = batching.vmap_over_examples(g, vmap_axes, x1, out_axes=out_def.unflatten(b1))
   _, jvp1 = jax.linearize(lambda p: batched_g(p, x1, **kwargs), params)
 
   in_axes2 = jax.tree.structure(x2_).unflatten(vmap_axes.leaf_in_axes(x2_))

@@ -1,0 +1,355 @@
+"""Jaxpr walk for structured derivatives: finds every use of a parameter and perturbs it.
+
+`f` is traced to a jaxpr as a function of (parameter leaves, data leaves). The walk then
+re-evaluates that jaxpr equation by equation while tracking, for every variable, whether it
+is a *chain* of a parameter leaf: the leaf itself or the leaf passed only through structural,
+linear, one-operand operations (convert_element_type, transpose, reshape, squeeze,
+broadcast_in_dim, copy). Any other equation that consumes a chain is a *site*: its outputs
+get an additive perturbation `delta` (zero in value) so that one `jax.vjp` with respect to all
+deltas yields ∂f/∂y for every site at once, from a single forward pass. Each chain operand of
+a site is a *use*; a rule (rules.py) turns the use into a `Term`, the structured form of
+y's derivative with respect to the leaf, and records the primal arrays the term needs
+(inputs, patches, token ids, ...) as auxiliary outputs of that same forward pass.
+
+Calls (`jit`, `custom_jvp_call`, `custom_vjp_call`, `remat`) that receive a chain are inlined,
+so parameters used inside them are seen structurally; calls that receive no chain are bound
+unchanged (their custom differentiation rules then apply to the cotangents as usual).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+# Call-like primitives whose inner jaxpr is walked when a parameter chain enters them.
+INLINE_PRIMITIVES = frozenset({
+    "jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
+    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
+})
+_INNER_JAXPR_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+# Structural, linear, single-operand primitives: their output is still a chain of the leaf.
+CHAIN_PRIMITIVES = frozenset({
+    "convert_element_type", "copy", "copy_p", "transpose", "reshape", "squeeze",
+    "broadcast_in_dim",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One structural operation on the way from a parameter leaf to its use."""
+  primitive: Any
+  params: tuple            # sorted (name, value) pairs, for rebinding
+  in_shape: tuple
+  in_dtype: Any
+  out_shape: tuple
+  out_dtype: Any
+
+  @property
+  def name(self) -> str:
+    return self.primitive.name
+
+  def key(self) -> tuple:
+    return (self.name, tuple((k, repr(v)) for k, v in self.params), self.in_shape,
+            self.out_shape, str(self.out_dtype))
+
+  def apply(self, v):
+    return self.primitive.bind(v, **dict(self.params))
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+  leaf: int
+  steps: tuple = ()
+
+
+def replay(steps: Sequence[Step], v):
+  for st in steps:
+    v = st.apply(v)
+  return v
+
+
+def chain_transpose(steps: Sequence[Step], leaf_shape, leaf_dtype) -> Callable:
+  """The transpose of the (linear) chain θ -> v: maps a v-shaped cotangent to θ's shape."""
+  if not steps:
+    return lambda ct: ct
+  aval = jax.ShapeDtypeStruct(tuple(leaf_shape), leaf_dtype)
+  transpose = jax.linear_transpose(lambda t: replay(steps, t), aval)
+  out_dtype = steps[-1].out_dtype
+  return lambda ct: transpose(ct.astype(out_dtype))[0]
+
+
+@dataclasses.dataclass
+class Site:
+  """A perturbed equation: its float outputs get a delta each."""
+  index: int
+  primitive: str
+  out_avals: list          # (shape, dtype) of the perturbed outputs
+  out_positions: list      # which eqn outputs are perturbed
+  var: Any = None          # the first perturbed output variable, for sites of the top jaxpr
+
+
+class WalkState:
+  """Shared bookkeeping of one walk (discovery or evaluation)."""
+
+  def __init__(self, leaf_avals, deltas: Optional[list], rule_fn: Callable):
+    self.leaf_avals = leaf_avals          # [(shape, dtype)] per parameter leaf
+    self.deltas = deltas                  # None in discovery; per site list of arrays
+    self.sites: list[Site] = []
+    self.terms: list = []
+    self.aux: list = []
+    self.rule_fn = rule_fn
+    self.fallbacks: list[str] = []        # primitives handled by the dense fallback
+    self.top_jaxpr = None
+    self.env: dict = {}                   # values of the top jaxpr's variables
+
+  def record(self, value) -> int:
+    self.aux.append(value)
+    return len(self.aux) - 1
+
+  def site_like(self, eqn) -> Site:
+    """A site description that gets no delta of its own (resolved to another site)."""
+    positions = [i for i, v in enumerate(eqn.outvars)
+                 if jnp.issubdtype(v.aval.dtype, jnp.inexact)]
+    return Site(-1, eqn.primitive.name,
+                [(tuple(eqn.outvars[i].aval.shape), eqn.outvars[i].aval.dtype)
+                 for i in positions], positions)
+
+  def new_site(self, eqn, outvals, top: bool = False) -> tuple[Site, list]:
+    positions = [i for i, v in enumerate(eqn.outvars)
+                 if jnp.issubdtype(v.aval.dtype, jnp.inexact)]
+    site = Site(len(self.sites), eqn.primitive.name,
+                [(tuple(eqn.outvars[i].aval.shape), eqn.outvars[i].aval.dtype)
+                 for i in positions], positions,
+                eqn.outvars[positions[0]] if top else None)
+    self.sites.append(site)
+    if self.deltas is not None:
+      outvals = list(outvals)
+      for j, i in enumerate(positions):
+        outvals[i] = outvals[i] + self.deltas[site.index][j].astype(outvals[i].dtype)
+    return site, outvals
+
+
+def _inner(eqn):
+  for k in _INNER_JAXPR_KEYS:
+    if k in eqn.params:
+      j = eqn.params[k]
+      if isinstance(j, jcore.ClosedJaxpr):
+        return j.jaxpr, list(j.consts)
+      if isinstance(j, jcore.Jaxpr):
+        return j, []
+  return None
+
+
+def _bind(eqn, invals):
+  params = eqn.primitive.get_bind_params(eqn.params)
+  ctx = getattr(eqn, "ctx", None)
+  manager = getattr(ctx, "manager", None)
+  if manager is not None:
+    with manager:
+      out = eqn.primitive.bind(*invals, **params)
+  else:
+    out = eqn.primitive.bind(*invals, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _chain_step(eqn, chains) -> Optional[Step]:
+  """The Step if `eqn` keeps its (single) chain operand a chain, else None."""
+  name = eqn.primitive.name
+  if name not in CHAIN_PRIMITIVES or len(eqn.invars) != 1 or chains[0] is None:
+    return None
+  out = eqn.outvars[0].aval
+  if not jnp.issubdtype(out.dtype, jnp.inexact):
+    return None
+  a = eqn.invars[0].aval
+  return Step(eqn.primitive, tuple(sorted(eqn.params.items())), tuple(a.shape), a.dtype,
+              tuple(out.shape), out.dtype)
+
+
+def _is_chain_step(eqn, in_chain: list) -> bool:
+  return (eqn.primitive.name in CHAIN_PRIMITIVES and len(eqn.invars) == 1 and in_chain[0]
+          and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.inexact))
+
+
+def static_chains(jaxpr, in_chain: Sequence[bool]) -> tuple[set, list]:
+  """Which variables of `jaxpr` the walk will find to be chains (structure only), and which
+  outputs are chains."""
+  chains = {v for v, c in zip(jaxpr.invars, in_chain) if c}
+  is_chain = lambda v: not isinstance(v, jcore.Literal) and v in chains
+  for eqn in jaxpr.eqns:
+    flags = [is_chain(v) for v in eqn.invars]
+    if not any(flags):
+      continue
+    inner = _inner(eqn) if eqn.primitive.name in INLINE_PRIMITIVES else None
+    if inner is not None and len(eqn.invars) >= len(inner[0].invars):
+      extra = len(eqn.invars) - len(inner[0].invars)
+      _, out_flags = static_chains(inner[0], flags[extra:])
+      chains |= {v for v, c in zip(eqn.outvars, out_flags) if c}
+    elif _is_chain_step(eqn, flags):
+      chains.add(eqn.outvars[0])
+  return chains, [is_chain(v) for v in jaxpr.outvars]
+
+
+_PASS_THROUGH = {"add": (1.0, 1.0), "add_any": (1.0, 1.0), "sub": (1.0, -1.0)}
+
+
+def _aliases(jaxpr, chains: set) -> dict:
+  """eqn index -> (consumer eqn index, sign) when the eqn's only output flows, unchanged in
+  shape, into a single add/sub with a parameter chain: both then share one cotangent."""
+  uses: dict = {}
+  for i, eqn in enumerate(jaxpr.eqns):
+    for pos, v in enumerate(eqn.invars):
+      if not isinstance(v, jcore.Literal):
+        uses.setdefault(v, []).append((i, pos))
+  outs = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+  alias = {}
+  for i, eqn in enumerate(jaxpr.eqns):
+    if len(eqn.outvars) != 1:
+      continue
+    y = eqn.outvars[0]
+    if y in outs or len(uses.get(y, ())) != 1:
+      continue
+    j, pos = uses[y][0]
+    c = jaxpr.eqns[j]
+    if c.primitive.name not in _PASS_THROUGH or len(c.invars) != 2:
+      continue
+    other = c.invars[1 - pos]
+    if isinstance(other, jcore.Literal) or other not in chains or other is y:
+      continue
+    if tuple(c.outvars[0].aval.shape) != tuple(y.aval.shape):
+      continue
+    if c.outvars[0].aval.dtype != y.aval.dtype:
+      continue
+    alias[i] = (j, _PASS_THROUGH[c.primitive.name][pos])
+  return alias
+
+
+def walk(jaxpr, consts, invals, inchains, state: WalkState, top: bool = False):
+  """Evaluates `jaxpr`, perturbing sites; returns (outvals, outchains)."""
+  env: dict = {}
+  chain_of: dict = {}
+  chains, _ = static_chains(jaxpr, [c is not None for c in inchains])
+  alias = _aliases(jaxpr, chains)
+  pending: dict = {}    # consumer eqn index -> [(term, sign)] waiting for its site
+
+  def read(v):
+    if isinstance(v, jcore.Literal):
+      return v.val
+    return env[v]
+
+  def chain(v):
+    if isinstance(v, jcore.Literal):
+      return None
+    return chain_of.get(v)
+
+  for v, val in zip(jaxpr.constvars, consts):
+    env[v] = val
+  for v, val, c in zip(jaxpr.invars, invals, inchains):
+    env[v] = val
+    if c is not None:
+      chain_of[v] = c
+
+  for i_eqn, eqn in enumerate(jaxpr.eqns):
+    invals_e = [read(v) for v in eqn.invars]
+    chains_e = [chain(v) for v in eqn.invars]
+    if all(c is None for c in chains_e):
+      outs = _bind(eqn, invals_e)
+      for v, o in zip(eqn.outvars, outs):
+        env[v] = o
+      continue
+
+    name = eqn.primitive.name
+    inner = _inner(eqn) if name in INLINE_PRIMITIVES else None
+    if inner is not None:
+      ijaxpr, iconsts = inner
+      n_extra = len(invals_e) - len(ijaxpr.invars)
+      if n_extra >= 0:   # leading operands beyond the inner invars are not expected
+        outs, ochains = walk(ijaxpr, iconsts, invals_e[n_extra:], chains_e[n_extra:], state)
+        for v, o, c in zip(eqn.outvars, outs, ochains):
+          env[v] = o
+          if c is not None:
+            chain_of[v] = c
+        continue
+
+    step = _chain_step(eqn, chains_e)
+    if step is not None:
+      out = _bind(eqn, invals_e)[0]
+      env[eqn.outvars[0]] = out
+      c = chains_e[0]
+      chain_of[eqn.outvars[0]] = Chain(c.leaf, c.steps + (step,))
+      continue
+
+    # A site: the derivative of this equation w.r.t. each chain operand is a term.
+    outs = _bind(eqn, invals_e)
+    if not any(jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars):
+      for v, o in zip(eqn.outvars, outs):
+        env[v] = o
+      continue
+    if i_eqn in alias:
+      # The output only feeds `y + chain`: reuse that site's cotangent, no delta here.
+      site = state.site_like(eqn)
+    else:
+      site, outs = state.new_site(eqn, outs, top=jaxpr is state.top_jaxpr)
+    first = len(state.terms)
+    for pos, c in enumerate(chains_e):
+      if c is not None:
+        state.rule_fn(state, eqn, site, pos, c, invals_e, chains_e)
+    waiting = [(t, 1.0) for t in state.terms[first:]] + pending.pop(i_eqn, [])
+    if i_eqn in alias:   # chains of aliases move on to the next consumer
+      j, sign = alias[i_eqn]
+      pending.setdefault(j, []).extend((t, s * sign) for t, s in waiting)
+    else:
+      for t, sign in waiting:
+        t.site = site.index
+        t.scale = t.scale * sign
+    for v, o in zip(eqn.outvars, outs):
+      env[v] = o
+
+  assert not pending, "aliased site without its consumer"
+  if jaxpr is state.top_jaxpr:
+    state.env = env
+  outvals = [read(v) for v in jaxpr.outvars]
+  outchains = [chain(v) for v in jaxpr.outvars]
+  if top:
+    # A chain returned as an output is used by the identity.
+    for i, (v, c) in enumerate(zip(jaxpr.outvars, outchains)):
+      if c is not None:
+        outvals[i] = state.rule_fn.identity(state, outvals[i], c)
+    outchains = [None] * len(outchains)
+  return outvals, outchains
+
+
+@dataclasses.dataclass
+class Traced:
+  """`f` as a jaxpr of (param leaves, data leaves) with a way to walk it."""
+  jaxpr: Any
+  consts: list
+  n_params: int
+  leaf_avals: list
+  out_avals: list
+
+  def run(self, param_leaves, data_leaves, deltas, rule_fn):
+    state = WalkState(self.leaf_avals, deltas, rule_fn)
+    state.top_jaxpr = self.jaxpr
+    chains = [Chain(i) for i in range(self.n_params)] + [None] * len(data_leaves)
+    outs, _ = walk(self.jaxpr, self.consts, list(param_leaves) + list(data_leaves), chains,
+                   state, top=True)
+    return outs, state
+
+
+def aval(x) -> jax.ShapeDtypeStruct:
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return x
+  return jax.ShapeDtypeStruct(tuple(np.shape(x)), jnp.result_type(x))
+
+
+def trace(fn: Callable, param_leaves, data_leaves) -> Traced:
+  """`fn(param_leaves, data_leaves) -> output leaves` as a jaxpr (shapes only are used)."""
+  closed = jax.make_jaxpr(fn)([aval(p) for p in param_leaves], [aval(x) for x in data_leaves])
+  return Traced(closed.jaxpr, list(closed.consts), len(param_leaves),
+                [(tuple(aval(p).shape), aval(p).dtype) for p in param_leaves],
+                [(tuple(v.aval.shape), v.aval.dtype) for v in closed.jaxpr.outvars])

@@ -1,0 +1,307 @@
+"""Inner loops of few-shot meta-learning behind one interface.
+
+Every inner loop is an `InnerLoop` whose `adapt(meta_params, support, query_x)` adapts the
+model to one task's support set `(x, y)` and returns its outputs on `query_x`; the query loss
+is computed outside (`losses`), so the same loop serves regression and classification.
+`InnerLoop.batched` maps it over a leading meta-batch axis (`jax.vmap`). Everything is
+jittable and differentiable w.r.t. `meta_params` (the meta-gradient).
+
+Loops (α = `inner_lr`, k = `inner_steps`, inner loss `mean((f − y)²)` or cross-entropy):
+
+* `maml`: k steps of an optax optimizer (default `optax.sgd(α)`) on the support loss of the
+  network itself; second-order by default, first-order with `first_order=True`
+  (`stop_gradient` on the inner gradients). Memory of the meta-gradient grows with k.
+* `anil`: the same, adapting only the head (the last layer's parameters).
+* `ntk_flow`: the network linearized at `meta_params`, trained on the support set by
+  gradient flow for time α·k (k "steps" of size α), solved in closed form with the
+  empirical NTK: f_q = f_q(0) − Θ_qs G(Θ_ss) (f_s(0) − y_s). Uses
+  `ntk_dynamics.dynamics.gradient_descent_mse`.
+* `ntk_steps`: exactly k discrete steps of `optax.sgd(α)` on the linearized model, in closed
+  form (dynamics' `gradient_descent_mse_steps`).
+* `ntk_ridge`: the t → ∞ limit with a ridge ρ (kernel ridge regression with the empirical
+  NTK): f_q = f_q(0) + Θ_qs (Θ_ss + ρ' I)⁻¹ (y_s − f_s(0)), ρ' = ρ·mean(diag Θ_ss). For the
+  linearized model this is the proximal inner problem of iMAML (Rajeswaran et al. 2019),
+  min_φ mean((f_φ − y)²) + (λ/2)‖φ − θ‖² with λ = 2ρ'/N, N = y_s.size.
+
+The closed forms cost the same for every k or t, so their memory does not grow with k: the
+support kernel Θ_ss (n×n, or nK×nK), one eigendecomposition (or Cholesky factorization for
+the ridge limit) from `dynamics`, and NTK-vector products for the query set (`ntk_vp_fn`:
+Θ_qs is never formed, see `_closed_forms`).
+Classification targets are one-hot and the inner loss is MSE; the kernel is traced over the
+logits by default (Θ ⊗ I, `trace_axes=(-1,)`) or the full per-class kernel with
+`trace_axes=()`. With the traced kernel the closed forms are exact for the network whose
+kernel is Θ_traced ⊗ I (exact for one output); with `trace_axes=()` they are exact for the
+linearized network itself.
+
+Units: the inner loss is MAML's `mean((f − y)²)`, twice neural-tangents' `½ mean`, so the
+dynamics' closed forms are called with learning rate 2α; `ntk_steps(k, α)` then equals k
+steps of `optax.sgd(α)` on `mean((f_lin − y)²)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ntk_dynamics.kernels import NtkImplementation, empirical_ntk_fn
+from ntk_dynamics.meta import _closed_forms
+from ntk_dynamics.meta import losses
+
+PyTree = Any
+Axes = Union[int, Sequence[int]]
+ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
+
+INNER_LOOPS = ("maml", "anil", "ntk_flow", "ntk_steps", "ntk_ridge")
+CLOSED_FORMS = ("ntk_flow", "ntk_steps", "ntk_ridge")
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerLoop:
+  """One inner loop.
+
+  Attributes:
+    name: one of `INNER_LOOPS`.
+    adapt: `adapt(meta_params, support, query_x) -> query outputs` for one task: `support`
+      is `(x, y)` with x (n, ...) and y (n, D) float targets or (n,) integer labels,
+      `query_x` is (m, ...), the result (m, K) outputs of the adapted model.
+    config: the settings it was built with (JSON-serialisable).
+  """
+  name: str
+  adapt: Callable[[PyTree, tuple, jax.Array], jax.Array]
+  config: Mapping[str, Any]
+
+  def __call__(self, meta_params: PyTree, support: tuple, query_x: jax.Array) -> jax.Array:
+    return self.adapt(meta_params, support, query_x)
+
+  def batched(self, meta_params: PyTree, support: tuple, query_x: jax.Array) -> jax.Array:
+    """`adapt` over a leading meta-batch axis of `support` and `query_x` (params shared)."""
+    return jax.vmap(self.adapt, in_axes=(None, 0, 0))(meta_params, support, query_x)
+
+
+def _check_steps_lr(inner_steps: int, inner_lr: float) -> tuple[int, float]:
+  if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
+    raise ValueError(f"`inner_steps` must be a non-negative int, got {inner_steps!r}.")
+  lr = float(inner_lr)
+  if not (lr > 0 and lr < float("inf")):
+    raise ValueError(f"`inner_lr` must be a finite positive number, got {inner_lr!r}.")
+  return inner_steps, lr
+
+
+def _inner_loss(loss: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """`"auto"`: cross-entropy for integer labels, MSE for float targets."""
+  if loss == "auto":
+    return lambda out, y: (losses.xent if losses.is_classification(y) else losses.mse)(out, y)
+  return losses.get_loss(loss)
+
+
+def _descend(loss_of: Callable[[PyTree], jax.Array], start: PyTree,
+             optimizer: optax.GradientTransformation, steps: int, first_order: bool) -> PyTree:
+  """`steps` optimizer steps on `loss_of` from `start`, as a `lax.scan` (reverse-mode
+  differentiable; second-order unless `first_order`)."""
+
+  def step(carry, _):
+    p, state = carry
+    g = jax.grad(loss_of)(p)
+    if first_order:
+      g = jax.lax.stop_gradient(g)
+    updates, state = optimizer.update(g, state, p)
+    return (optax.apply_updates(p, updates), state), None
+
+  (adapted, _), _ = jax.lax.scan(step, (start, optimizer.init(start)), None, length=steps)
+  return adapted
+
+
+def maml(f: ApplyFn, *, inner_steps: int = 1, inner_lr: float = 0.01,
+         optimizer: Optional[optax.GradientTransformation] = None, first_order: bool = False,
+         loss: str = "auto") -> InnerLoop:
+  """MAML (Finn et al. 2017): `inner_steps` optimizer steps on the support loss.
+
+  Args:
+    f: `f(params, x) -> (n, K)` outputs.
+    inner_steps: k ≥ 0.
+    inner_lr: α, the step of the default `optax.sgd(α)`.
+    optimizer: any optax transformation used instead of `sgd(inner_lr)` (its state starts
+      fresh for every task).
+    first_order: FOMAML: the inner gradients are treated as constants.
+    loss: `"auto"` (cross-entropy for integer labels, MSE otherwise), `"mse"` or `"xent"`.
+  """
+  inner_steps, inner_lr = _check_steps_lr(inner_steps, inner_lr)
+  opt = optimizer if optimizer is not None else optax.sgd(inner_lr)
+  loss_fn = _inner_loss(loss)
+
+  def adapt(params, support, query_x):
+    x, y = support
+    adapted = _descend(lambda p: loss_fn(f(p, x), y), params, opt, inner_steps, first_order)
+    return f(adapted, query_x)
+
+  return InnerLoop("maml", adapt, {"inner_steps": inner_steps, "inner_lr": inner_lr,
+                                   "first_order": bool(first_order), "loss": loss,
+                                   "optimizer": "sgd" if optimizer is None else "custom"})
+
+
+def head_names(params: PyTree, head: Union[None, str, Sequence[str]] = None) -> tuple[str, ...]:
+  """Top-level keys of `params` that form the head: `head`, or by default the last key.
+
+  Haiku keeps modules in creation order, so the last key is the last layer (the readout of
+  `models.mlp` / `models.cnn`).
+  """
+  if not isinstance(params, Mapping) or not params:
+    raise ValueError("anil needs `params` to be a non-empty mapping of layer name -> "
+                     f"parameters (e.g. Haiku params), got {type(params).__name__}.")
+  if head is None:
+    return (list(params)[-1],)
+  names = (head,) if isinstance(head, str) else tuple(head)
+  missing = [n for n in names if n not in params]
+  if missing or not names:
+    raise ValueError(f"`head` {names!r} must name layers of `params`; available: {list(params)}.")
+  if len(names) == len(params):
+    raise ValueError(f"`head` {names!r} names every layer; use maml to adapt all parameters.")
+  return names
+
+
+def anil(f: ApplyFn, *, inner_steps: int = 1, inner_lr: float = 0.01,
+         optimizer: Optional[optax.GradientTransformation] = None, first_order: bool = False,
+         loss: str = "auto", head: Union[None, str, Sequence[str]] = None) -> InnerLoop:
+  """ANIL (Raghu et al. 2020): MAML adapting only the head (default: the last layer).
+
+  Args: those of `maml`, plus `head`: the top-level parameter keys to adapt (see
+  `head_names`).
+  """
+  inner_steps, inner_lr = _check_steps_lr(inner_steps, inner_lr)
+  opt = optimizer if optimizer is not None else optax.sgd(inner_lr)
+  loss_fn = _inner_loss(loss)
+
+  def adapt(params, support, query_x):
+    x, y = support
+    names = head_names(params, head)
+    body = {k: v for k, v in params.items() if k not in names}
+    start = {k: params[k] for k in names}
+    merge = lambda h: {k: (h[k] if k in names else body[k]) for k in params}
+    adapted = _descend(lambda h: loss_fn(f(merge(h), x), y), start, opt, inner_steps,
+                       first_order)
+    return f(merge(adapted), query_x)
+
+  return InnerLoop("anil", adapt, {"inner_steps": inner_steps, "inner_lr": inner_lr,
+                                   "first_order": bool(first_order), "loss": loss,
+                                   "head": None if head is None else list(
+                                       (head,) if isinstance(head, str) else head),
+                                   "optimizer": "sgd" if optimizer is None else "custom"})
+
+
+def _closed_form_loop(name: str, f: ApplyFn, *, inner_steps: int, inner_lr: float,
+                      ridge: float, trace_axes: Axes, vmap_axes: Any,
+                      implementation: Union[NtkImplementation, int]) -> InnerLoop:
+  inner_steps, inner_lr = _check_steps_lr(inner_steps, inner_lr)
+  ridge = float(ridge)
+  if not (ridge >= 0 and ridge < float("inf")):
+    raise ValueError(f"`ridge` must be a finite number >= 0, got {ridge!r}.")
+  if name == "ntk_ridge" and ridge == 0:
+    raise ValueError("ntk_ridge needs `ridge` > 0 (ridge 0 is the interpolating limit "
+                     "ntk_flow reaches as t → ∞; a singular support kernel has no inverse).")
+  trace = (trace_axes,) if isinstance(trace_axes, int) else tuple(trace_axes)
+  if trace not in ((), (-1,)):
+    raise ValueError(f"`trace_axes` must be (-1,) (traced logits) or () (full per-class "
+                     f"kernel), got {trace_axes!r}.")
+  ntk_fn = empirical_ntk_fn(f, trace_axes=trace, vmap_axes=vmap_axes,
+                            implementation=implementation)
+  # Inner loss mean((f − y)²) = 2 × neural-tangents' ½ mean: the same step is lr 2α there.
+  nt_lr = 2. * inner_lr
+
+  def adapt(params, support, query_x):
+    x, y = support
+    out_s = f(params, x)
+    out_q = f(params, query_x)
+    targets = losses.regression_targets(y, out_s)
+    k_ss = ntk_fn(x, None, params)  # (n, n) traced or (n, n, K, K) full
+    if name == "ntk_steps":
+      predict = _closed_forms.steps_predictor(k_ss, targets, nt_lr, inner_steps, ridge, trace)
+      t = inner_steps
+    else:
+      predict = _closed_forms.flow_predictor(k_ss, targets, nt_lr, ridge, trace)
+      t = None if name == "ntk_ridge" else float(inner_steps)
+    coef = _closed_forms.dual_coefficients(predict, t, out_s, trace)
+    return out_q + _closed_forms.query_kernel_product(f, params, query_x, x, coef,
+                                                      traced=trace == (-1,))
+
+  config = {"inner_steps": inner_steps, "inner_lr": inner_lr, "ridge": ridge,
+            "trace_axes": list(trace), "implementation": NtkImplementation(implementation).name,
+            "loss": "mse"}
+  if name == "ntk_ridge":
+    config.pop("inner_steps")
+    config.pop("inner_lr")
+  return InnerLoop(name, adapt, config)
+
+
+def ntk_flow(f: ApplyFn, *, inner_steps: int = 1, inner_lr: float = 0.01, ridge: float = 0.,
+             trace_axes: Axes = (-1,), vmap_axes: Any = 0,
+             implementation: Union[NtkImplementation, int] = NtkImplementation.AUTO
+             ) -> InnerLoop:
+  """Closed-form gradient flow of the linearized model on the support MSE for time α·k.
+
+  Args:
+    f: `f(params, x) -> (n, K)`.
+    inner_steps, inner_lr: k and α; the flow runs for time α·k (k may be any int ≥ 0; the
+      cost does not depend on it).
+    ridge: optional ρ (relative to mean(diag Θ_ss)) added to the support kernel.
+    trace_axes: `(-1,)` traced logits kernel (default) or `()` the full per-class kernel.
+    vmap_axes: `empirical_ntk_fn`'s promise that outputs depend on their own example only
+      (0, the default, for MLPs/CNNs without batch statistics); None for models that mix
+      examples.
+    implementation: an `NtkImplementation`.
+  """
+  return _closed_form_loop("ntk_flow", f, inner_steps=inner_steps, inner_lr=inner_lr,
+                           ridge=ridge, trace_axes=trace_axes, vmap_axes=vmap_axes,
+                           implementation=implementation)
+
+
+def ntk_steps(f: ApplyFn, *, inner_steps: int = 1, inner_lr: float = 0.01, ridge: float = 0.,
+              trace_axes: Axes = (-1,), vmap_axes: Any = 0,
+              implementation: Union[NtkImplementation, int] = NtkImplementation.AUTO
+              ) -> InnerLoop:
+  """Exactly k steps of `optax.sgd(α)` on the linearized model, in closed form (arguments
+  as for `ntk_flow`)."""
+  return _closed_form_loop("ntk_steps", f, inner_steps=inner_steps, inner_lr=inner_lr,
+                           ridge=ridge, trace_axes=trace_axes, vmap_axes=vmap_axes,
+                           implementation=implementation)
+
+
+def ntk_ridge(f: ApplyFn, *, ridge: float = 1e-3, trace_axes: Axes = (-1,), vmap_axes: Any = 0,
+              implementation: Union[NtkImplementation, int] = NtkImplementation.AUTO,
+              **unused: Any) -> InnerLoop:
+  """Kernel ridge regression with the empirical NTK (the t → ∞ / proximal limit).
+
+  Args:
+    ridge: ρ > 0, relative to mean(diag Θ_ss) (neural-tangents' `diag_reg`).
+    Others as for `ntk_flow`; `inner_steps` / `inner_lr` are accepted and ignored, so that
+    `make_inner_loop` can pass the same arguments to every loop.
+  """
+  unknown = set(unused) - {"inner_steps", "inner_lr"}
+  if unknown:
+    raise TypeError(f"ntk_ridge got unexpected arguments {sorted(unknown)}.")
+  return _closed_form_loop("ntk_ridge", f, inner_steps=1, inner_lr=1., ridge=ridge,
+                           trace_axes=trace_axes, vmap_axes=vmap_axes,
+                           implementation=implementation)
+
+
+_BUILDERS = {"maml": maml, "anil": anil, "ntk_flow": ntk_flow, "ntk_steps": ntk_steps,
+             "ntk_ridge": ntk_ridge}
+
+
+def make_inner_loop(name: str, f: ApplyFn, **kwargs: Any) -> InnerLoop:
+  """The inner loop `name` (one of `INNER_LOOPS`) built with `kwargs`.
+
+  Arguments that do not apply to `name` (e.g. `first_order` for a closed form, `ridge` for
+  maml) are dropped, so one set of settings can build every loop.
+  """
+  if name not in _BUILDERS:
+    raise ValueError(f"`inner` must be one of {INNER_LOOPS}, got {name!r}.")
+  builder = _BUILDERS[name]
+  import inspect
+  accepted = {p for p in inspect.signature(builder).parameters if p != "f"}
+  if name == "ntk_ridge":
+    accepted -= {"unused"}
+  return builder(f, **{k: v for k, v in kwargs.items() if k in accepted})

@@ -1,0 +1,314 @@
+"""Inner loops of `ntk_dynamics.meta`: exactness of the closed forms, meta-gradients, MAML
+orders, ANIL, batching and the cost of a meta-step against the number of inner steps."""
+import functools
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import haiku as hk  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+
+import ntk_dynamics as nd  # noqa: E402
+from ntk_dynamics import meta, models  # noqa: E402
+from ntk_dynamics.dynamics import gradient_descent_mse, gradient_descent_mse_steps  # noqa: E402
+from ntk_dynamics.meta import _closed_forms  # noqa: E402
+
+
+def _rel(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+@functools.lru_cache(maxsize=None)
+def _regression(activation="tanh", width=16, n=6, m=7, seed=0):
+  model = models.mlp([width, width], 1, activation=activation, w_std=0.8)
+  f = nd.from_haiku(model)
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(-2, 2, (n, 1))
+  y = np.sin(x) * 1.5
+  xq = rng.uniform(-2, 2, (m, 1))
+  yq = np.sin(xq) * 1.5
+  params = model.init(jax.random.PRNGKey(seed), x)
+  return f, params, (jnp.asarray(x), jnp.asarray(y)), jnp.asarray(xq), jnp.asarray(yq)
+
+
+@functools.lru_cache(maxsize=None)
+def _classification(n_way=3, shots=2, m=5, seed=1):
+  model = models.mlp([12], n_way, activation="tanh", w_std=0.8)
+  f = nd.from_haiku(model)
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n_way * shots, 4))
+  y = np.repeat(np.arange(n_way), shots).astype(np.int32)
+  xq = rng.normal(size=(m, 4))
+  yq = rng.integers(0, n_way, m).astype(np.int32)
+  params = model.init(jax.random.PRNGKey(seed), x)
+  return f, params, (jnp.asarray(x), jnp.asarray(y)), jnp.asarray(xq), jnp.asarray(yq)
+
+
+def _sgd_on_linearized(f, params, support, xq, steps, lr, one_hot_classes=None):
+  f_lin = nd.linearize(f, params)
+  x, y = support
+  target = y if one_hot_classes is None else jax.nn.one_hot(y, one_hot_classes)
+  opt = optax.sgd(lr)
+
+  @jax.jit
+  def run(p):
+    state = opt.init(p)
+    for _ in range(steps):  # unrolled: k explicit optax steps
+      g = jax.grad(lambda q: jnp.mean((f_lin(q, x) - target) ** 2))(p)
+      updates, state = opt.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    return f_lin(p, xq)
+
+  return run(params)
+
+
+def _adapt(inner, params, support, xq):
+  return jax.jit(inner.adapt)(params, support, xq)
+
+
+@pytest.mark.parametrize("steps", [0, 1, 7])
+def test_ntk_steps_equals_explicit_sgd_on_linearized_model(steps):
+  f, params, support, xq, _ = _regression()
+  lr = 0.05
+  expected = _sgd_on_linearized(f, params, support, xq, steps, lr)
+  got = _adapt(meta.ntk_steps(f, inner_steps=steps, inner_lr=lr), params, support, xq)
+  assert got.shape == expected.shape == (xq.shape[0], 1)
+  assert _rel(got, expected) < 1e-8
+
+
+def test_ntk_steps_full_kernel_classification_equals_explicit_sgd():
+  f, params, support, xq, _ = _classification()
+  expected = _sgd_on_linearized(f, params, support, xq, 5, 0.1, one_hot_classes=3)
+  got = _adapt(meta.ntk_steps(f, inner_steps=5, inner_lr=0.1, trace_axes=()), params, support,
+               xq)
+  assert _rel(got, expected) < 1e-8
+  # The traced kernel (Θ ⊗ I) is an approximation for several outputs, not the same thing.
+  traced = _adapt(meta.ntk_steps(f, inner_steps=5, inner_lr=0.1), params, support, xq)
+  assert traced.shape == got.shape and _rel(traced, expected) > 1e-8
+
+
+@pytest.mark.parametrize("trace_axes", [(-1,), ()])
+def test_closed_forms_equal_dynamics_with_explicit_kernels(trace_axes):
+  """The matrix-free query side (dual coefficients + NTK-vector products) equals dynamics'
+  `gradient_descent_mse` fed the explicit Θ(query, support) of `empirical_ntk_fn`."""
+  f, params, support, xq, _ = _classification()
+  x, y = support
+  lr, steps = 0.1, 4
+
+  @jax.jit
+  def both(params):
+    ntk_fn = nd.empirical_ntk_fn(f, trace_axes=trace_axes, vmap_axes=0)
+    targets = jax.nn.one_hot(y, 3)
+    predict = gradient_descent_mse(ntk_fn(x, None, params), targets, learning_rate=2 * lr,
+                                   trace_axes=trace_axes)
+    _, expected = predict(float(steps), f(params, x), f(params, xq), ntk_fn(xq, x, params))
+    got = meta.ntk_flow(f, inner_steps=steps, inner_lr=lr, trace_axes=trace_axes)(
+        params, support, xq)
+    return expected, got
+
+  expected, got = both(params)
+  assert _rel(got, expected) < 1e-10
+
+
+def test_steps_adapter_matches_dynamics_and_is_reverse_differentiable():
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(5, 9))
+  k = jnp.asarray(a @ a.T)
+  y = jnp.asarray(rng.normal(size=(5, 1)))
+  k_test = jnp.asarray(rng.normal(size=(3, 9)) @ a.T)
+  fx_test = jnp.asarray(rng.normal(size=(3, 1)))
+
+  @jax.jit
+  def both(k):
+    ref = gradient_descent_mse_steps(k, y, learning_rate=0.05)(13, 0., fx_test, k_test)
+    got = _closed_forms.steps_predictor(k, y, 0.05, 13, 0., (-1,))(13, 0., fx_test, k_test)
+    return ref, got
+
+  ref, got = both(k)
+  assert _rel(got[1], ref[1]) < 1e-12 and _rel(got[0], ref[0]) < 1e-12
+
+  def loss(scale):
+    pred = _closed_forms.steps_predictor(scale * k, y, 0.05, 13, 0., (-1,))
+    return jnp.sum(pred(13, 0., fx_test, scale * k_test)[1] ** 2)
+
+  eps = 1e-6
+  loss_jit = jax.jit(loss)
+  fd = (loss_jit(1. + eps) - loss_jit(1. - eps)) / (2 * eps)
+  assert abs(jax.jit(jax.grad(loss))(1.) - fd) < 1e-6 * max(1., abs(fd))
+
+
+def test_ntk_flow_long_time_equals_ridge_with_vanishing_ridge():
+  f, params, support, xq, _ = _regression(n=5)
+  x, y = support
+  both = jnp.concatenate([xq, x])
+  flow = _adapt(meta.ntk_flow(f, inner_steps=10**12, inner_lr=0.05), params, support, both)
+  ridge = _adapt(meta.ntk_ridge(f, ridge=1e-13), params, support, both)
+  assert _rel(flow, ridge) < 1e-6
+  # And the limit interpolates the support set.
+  assert _rel(ridge[len(xq):], y) < 1e-6
+
+
+def test_ntk_flow_approaches_ntk_steps_for_small_steps():
+  f, params, support, xq, _ = _regression()
+  steps = _adapt(meta.ntk_steps(f, inner_steps=20, inner_lr=1e-4), params, support, xq)
+  flow = _adapt(meta.ntk_flow(f, inner_steps=20, inner_lr=1e-4), params, support, xq)
+  start = f(params, xq)
+  # Both move the predictions, and agree to first order in the step size.
+  assert _rel(flow - start, steps - start) < 1e-2 and _rel(steps, start) > 1e-6
+
+
+def _meta_loss(inner, params, support, xq, yq):
+  out = inner(params, support, xq)
+  return meta.mse(out, yq)
+
+
+def _check_fd(loss, params, rtol):
+  grads = jax.jit(jax.grad(loss))(params)
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.default_rng(3)
+  direction = treedef.unflatten([jnp.asarray(rng.normal(size=np.shape(p))) for p in leaves])
+  eps = 1e-5
+  shift = lambda s: jax.tree.map(lambda p, d: p + s * d, params, direction)
+  fd = (loss(shift(eps)) - loss(shift(-eps))) / (2 * eps)
+  analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads),
+                                                  jax.tree.leaves(direction)))
+  assert abs(float(analytic) - float(fd)) <= rtol * abs(float(fd)), (analytic, fd)
+
+
+@pytest.mark.parametrize("name,kw", [("ntk_flow", {"inner_steps": 30, "inner_lr": 0.05}),
+                                     ("ntk_steps", {"inner_steps": 30, "inner_lr": 0.05}),
+                                     ("ntk_ridge", {"ridge": 1e-2})])
+def test_closed_form_meta_gradients_match_finite_differences(name, kw):
+  f, params, support, xq, yq = _regression()
+  inner = meta.make_inner_loop(name, f, **kw)
+  loss = jax.jit(lambda p: _meta_loss(inner, p, support, xq, yq))
+  _check_fd(loss, params, 1e-6)
+
+
+def test_full_kernel_classification_meta_gradient_matches_finite_differences():
+  f, params, support, xq, yq = _classification()
+  inner = meta.ntk_flow(f, inner_steps=10, inner_lr=0.1, trace_axes=())
+  loss = jax.jit(lambda p: _meta_loss(inner, p, support, xq, yq))
+  _check_fd(loss, params, 1e-6)
+
+
+def _unrolled_maml(f, params, support, xq, yq, steps, lr, first_order):
+  x, y = support
+  inner = lambda p: jnp.mean((f(p, x) - y) ** 2)
+  p = params
+  for _ in range(steps):
+    g = jax.grad(inner)(p)
+    if first_order:
+      g = jax.lax.stop_gradient(g)
+    p = jax.tree.map(lambda a, b: a - lr * b, p, g)
+  return jnp.mean((f(p, xq) - yq) ** 2)
+
+
+def test_maml_second_order_matches_unrolled_loop_and_first_order_differs():
+  f, params, support, xq, yq = _regression()
+  steps, lr = 3, 0.05
+
+  @jax.jit
+  def all_grads(p):
+    g = lambda loss: jax.grad(loss)(p)
+    return (g(lambda q: _meta_loss(meta.maml(f, inner_steps=steps, inner_lr=lr), q, support,
+                                   xq, yq)),
+            g(lambda q: _meta_loss(meta.maml(f, inner_steps=steps, inner_lr=lr,
+                                             first_order=True), q, support, xq, yq)),
+            g(lambda q: _unrolled_maml(f, q, support, xq, yq, steps, lr, False)),
+            g(lambda q: _unrolled_maml(f, q, support, xq, yq, steps, lr, True)))
+
+  second, first, ref2, ref1 = all_grads(params)
+  flat = lambda t: jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(t)])
+  assert _rel(flat(second), flat(ref2)) < 1e-10
+  assert _rel(flat(first), flat(ref1)) < 1e-10
+  assert _rel(flat(first), flat(second)) > 1e-3
+
+
+def test_maml_zero_steps_is_the_unadapted_model_and_custom_optimizer():
+  f, params, support, xq, _ = _regression()
+  assert _rel(_adapt(meta.maml(f, inner_steps=0), params, support, xq), f(params, xq)) == 0.
+  # An optax optimizer other than SGD.
+  out = _adapt(meta.maml(f, inner_steps=1, optimizer=optax.adam(1e-3)), params, support, xq)
+  assert out.shape == (xq.shape[0], 1) and _rel(out, f(params, xq)) > 0
+
+
+def test_anil_adapts_only_the_head():
+  f, params, support, xq, yq = _classification()
+  head = meta.head_names(params)
+  assert head == ("mlp/~/readout",) or head[0].endswith("readout")
+  x, y = support
+  steps, lr = 2, 0.3
+  anil = meta.anil(f, inner_steps=steps, inner_lr=lr)
+
+  @jax.jit
+  def run(params):
+    p = dict(params)
+    for _ in range(steps):
+      g = jax.grad(lambda h: meta.xent(f({**p, head[0]: h}, x), y))(p[head[0]])
+      p[head[0]] = jax.tree.map(lambda a, b: a - lr * b, p[head[0]], g)
+    # The meta-gradient reaches the body too (second order through the head's adaptation).
+    grads = jax.grad(lambda q: meta.xent(anil(q, support, xq), yq))(params)
+    return f(p, xq), anil(params, support, xq), grads
+
+  expected, got, grads = run(params)
+  assert _rel(got, expected) < 1e-12
+  assert all(float(jnp.max(jnp.abs(g["w"]))) > 0 for g in grads.values())
+  with pytest.raises(ValueError, match="must name layers"):
+    jax.eval_shape(meta.anil(f, head="nope"), params, support, xq)
+
+
+@pytest.mark.parametrize("name", meta.INNER_LOOPS)
+def test_batched_equals_per_task(name):
+  f, params, support, xq, _ = _regression()
+  x, y = support
+  xs = jnp.stack([x, x[::-1] * 0.5])
+  ys = jnp.stack([y, -y])
+  xqs = jnp.stack([xq, xq * 0.3])
+  inner = meta.make_inner_loop(name, f, inner_steps=2, inner_lr=0.05, ridge=1e-2)
+
+  @jax.jit
+  def both(params):
+    return (inner.batched(params, (xs, ys), xqs),
+            jnp.stack([inner(params, (xs[i], ys[i]), xqs[i]) for i in range(2)]))
+
+  batched, single = both(params)
+  assert batched.shape == (2, xq.shape[0], 1)
+  assert _rel(batched, single) < 1e-10
+
+
+def test_bad_inner_loop_arguments():
+  f, params, support, xq, _ = _regression()
+  with pytest.raises(ValueError, match="inner"):
+    meta.make_inner_loop("reptile", f)
+  with pytest.raises(ValueError, match="inner_steps"):
+    meta.maml(f, inner_steps=-1)
+  with pytest.raises(ValueError, match="inner_lr"):
+    meta.ntk_flow(f, inner_lr=float("nan"))
+  with pytest.raises(ValueError, match="ridge"):
+    meta.ntk_ridge(f, ridge=0.)
+  with pytest.raises(ValueError, match="trace_axes"):
+    meta.ntk_flow(f, trace_axes=(0,))
+
+
+def test_closed_form_memory_does_not_grow_with_inner_steps():
+  """XLA's temporary memory of a compiled meta-step: flat in k for the closed forms, growing
+  with k for second-order MAML."""
+  from ntk_dynamics.meta.profile import profile_meta_step
+  f, params, support, xq, yq = _regression(width=32)
+  x, y = support
+  batch = {"support": (np.stack([x] * 2), np.stack([y] * 2)),
+           "query": (np.stack([xq] * 2), np.stack([yq] * 2))}
+  temp = {}
+  for name, k in [("ntk_steps", 1), ("ntk_steps", 1000), ("maml", 1), ("maml", 40)]:
+    inner = meta.make_inner_loop(name, f, inner_steps=k, inner_lr=0.01)
+    temp[name, k] = profile_meta_step(inner, params, batch, repeats=0)["temp_bytes"]
+  if temp["maml", 1] is None:
+    pytest.skip("this backend reports no memory analysis")
+  assert temp["ntk_steps", 1000] <= 1.1 * temp["ntk_steps", 1]
+  assert temp["maml", 40] > 5 * temp["maml", 1]

@@ -1,0 +1,214 @@
+"""Outer loop of `ntk_dynamics.meta`: exact resume, non-finite losses, bad task batches,
+evaluation statistics and the `ntk-dynamics meta` recipe."""
+import json
+import math
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+
+import ntk_dynamics as nd  # noqa: E402
+import tasks  # noqa: E402
+from ntk_dynamics import meta, models, runs  # noqa: E402
+from recipes import cli  # noqa: E402
+
+
+def _setup(inner_name="maml", width=8):
+  model = models.mlp([width], 1, activation="tanh", w_std=0.8)
+  f = nd.from_haiku(model)
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 1)))
+  inner = meta.make_inner_loop(inner_name, f, inner_steps=2, inner_lr=0.02)
+  train = tasks.SinusoidSampler(4)
+  evaluation = tasks.SinusoidSampler(4, 6, num_tasks=8, pool_seed=5)
+  return inner, params, train, evaluation
+
+
+def _config(meta_steps, **kw):
+  kw = {"meta_batch": 3, "eval_every": 3, "eval_tasks": 8, "eval_batch": 4,
+        "checkpoint_every": 2, "log_every": 1, "seed": 7} | kw
+  return meta.MetaConfig(meta_steps=meta_steps, **kw)
+
+
+def _train(out, meta_steps, resume=False, on_step=None, **kw):
+  inner, params, train, evaluation = _setup()
+  return meta.meta_train(inner, params, train, evaluation, _config(meta_steps, **kw),
+                         meta_optimizer=optax.adam(1e-2), out_dir=out, resume=resume,
+                         progress=False, on_step=on_step)
+
+
+def _assert_same_params(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_after_a_crash_and_after_a_shorter_run_is_exact(tmp_path):
+  full = _train(tmp_path / "full", 6)
+  assert full.status == "completed" and full.step == 6
+
+  def crash(step, loss):
+    if step == 5:
+      raise RuntimeError("simulated crash")
+
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    _train(tmp_path / "crashed", 6, on_step=crash)
+  step, _, _ = runs.load_checkpoint(tmp_path / "crashed" / meta.train.CHECKPOINT_NAME,
+                                    {"params": full.params,
+                                     "opt_state": full.opt_state, "key": jax.random.key(0)})
+  assert step == 4  # the last checkpoint before the crash
+  resumed = _train(tmp_path / "crashed", 6, resume=True)
+  assert resumed.step == 6
+  _assert_same_params(resumed.params, full.params)
+  _assert_same_params(resumed.opt_state, full.opt_state)
+  assert [e["loss"] for e in resumed.evals] == [e["loss"] for e in full.evals]
+  assert resumed.train_log == full.train_log
+
+  # N/2 steps, then a new call resumed to N.
+  half = _train(tmp_path / "half", 3)
+  assert half.step == 3
+  continued = _train(tmp_path / "half", 6, resume=True)
+  _assert_same_params(continued.params, full.params)
+
+  # A checkpoint from other settings is refused, not silently continued.
+  with pytest.raises(ValueError, match="different settings"):
+    _train(tmp_path / "half", 6, resume=True, meta_batch=4)
+
+
+class _Poisoned:
+  """Sinusoid tasks whose targets overflow the MSE on the `bad_call`-th training batch."""
+
+  def __init__(self, bad_call):
+    self.base, self.calls, self.bad_call = tasks.SinusoidSampler(4), 0, bad_call
+    self.num_tasks = None
+
+  def sample(self, key, n):
+    batch = self.base.sample(key, n)
+    self.calls += 1
+    if self.calls == self.bad_call:
+      x, y = batch["query"]
+      batch["query"] = (x, y.astype(np.float64) * 1e200)
+    return batch
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  inner, params, _, evaluation = _setup()
+  # Call 1 is the probe batch, so call 7 is meta-step 6.
+  result = meta.meta_train(inner, params, _Poisoned(bad_call=7), evaluation, _config(8),
+                           out_dir=tmp_path, progress=False)
+  assert result.status == "non_finite" and result.step == 5
+  assert "meta-step 6" in result.message and "step 4" in result.message
+  assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(result.params))
+  step, tree, extra = runs.load_checkpoint(tmp_path / meta.train.CHECKPOINT_NAME,
+                                           {"params": params,
+                                            "opt_state": optax.adam(1e-3).init(params),
+                                            "key": jax.random.key(0)})
+  assert step == 4 and all(np.all(np.isfinite(np.asarray(p)))
+                           for p in jax.tree.leaves(tree["params"]))
+
+
+def _classification_batch(n_way=3, shots=2, queries=2, tasks_=2):
+  rng = np.random.default_rng(0)
+  x = rng.random((20 * n_way, 4, 4, 1)).astype(np.float32)
+  y = np.repeat(np.arange(n_way), 20)
+  sampler = tasks.FewShotSampler(x, y, n_way=n_way, k_shot=shots, k_query=queries)
+  return sampler, sampler.sample(0, tasks_)
+
+
+def test_check_task_batch_rejects_bad_batches():
+  sampler, batch = _classification_batch()
+  assert meta.check_task_batch(batch, 3) is True
+  assert meta.check_task_batch(tasks.SinusoidSampler(3).sample(0, 2)) is False
+  xs, ys = batch["support"]
+  one_class = dict(batch, support=(xs, np.zeros_like(ys)))
+  with pytest.raises(ValueError, match=r"support set of task 0 holds classes \[0\]"):
+    meta.check_task_batch(one_class, 3)
+  with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+    meta.check_task_batch(batch, 2)
+  bad_x = xs.copy()
+  bad_x[1, 0, 0, 0, 0] = np.nan
+  with pytest.raises(ValueError, match=r"non-finite values \(tasks \[1\]\)"):
+    meta.check_task_batch(dict(batch, support=(bad_x, ys)), 3)
+  with pytest.raises(ValueError, match="shapes"):
+    meta.check_task_batch(dict(batch, support=(xs[:, :2], ys)), 3)
+
+
+def test_meta_train_refuses_one_class_support_sets():
+  sampler, _ = _classification_batch()
+
+  class OneClass:
+    num_tasks = None
+
+    def sample(self, key, n):
+      batch = sampler.sample(key, n)
+      x, y = batch["support"]
+      return dict(batch, support=(x, np.zeros_like(y)))
+
+  model = models.mlp([4], 3)
+  f = nd.from_haiku(model)
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 4, 4, 1)))
+  with pytest.raises(ValueError, match="needs examples of every class"):
+    meta.meta_train(meta.maml(f), params, OneClass(), sampler, _config(2), progress=False)
+
+
+def test_k_shot_larger_than_a_class_holds_is_refused_by_the_recipe():
+  with pytest.raises(SystemExit, match="exceeds the"):
+    cli.main(["meta", "--task", "digits", "--k-shot", "500", "--meta-steps", "1"])
+  with pytest.raises(SystemExit, match="positive"):
+    cli.main(["meta", "--meta-batch", "0"])
+  with pytest.raises(SystemExit, match="--resume needs --out"):
+    cli.main(["meta", "--resume"])
+
+
+def test_mean_ci95_and_config_validation():
+  mean, half = meta.mean_ci95(np.array([1., 2., 3., 4.]))
+  assert mean == 2.5 and math.isclose(half, 1.959963984540054 * np.std([1, 2, 3, 4], ddof=1) / 2)
+  with pytest.raises(ValueError, match="meta_batch"):
+    meta.MetaConfig(meta_batch=0)
+  with pytest.raises(ValueError, match="loss"):
+    meta.MetaConfig(loss="hinge")
+
+
+def test_evaluate_reports_accuracy_for_classification():
+  sampler, _ = _classification_batch()
+  pool = tasks.FewShotSampler(sampler._x, np.repeat(np.arange(3), 20), n_way=3, k_shot=2,
+                              k_query=2, num_tasks=5)
+  model = models.mlp([4], 3)
+  f = nd.from_haiku(model)
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 4, 4, 1)))
+  record = meta.evaluate(meta.ntk_ridge(f, ridge=1e-2), params, pool, num_tasks=5,
+                         batch_size=2)
+  assert record["tasks"] == 5 and 0 <= record["accuracy"] <= 1
+  assert math.isfinite(record["accuracy_ci95"]) and record["finite"]
+  with pytest.raises(ValueError, match="holds 5 tasks"):
+    meta.evaluate(meta.ntk_ridge(f), params, pool, num_tasks=6)
+
+
+def test_recipe_writes_its_files_and_resumes(tmp_path, capsys):
+  out = tmp_path / "run"
+  common = ["meta", "--inner", "ntk_steps", "--meta-batch", "2", "--width", "8",
+            "--eval-every", "2", "--eval-tasks", "6", "--out", str(out), "--no-progress"]
+  assert cli.main(common + ["--meta-steps", "2"]) == 0
+  for name in ("metrics.json", "learning_curve.png", "results.md", "checkpoint.npz"):
+    assert (out / name).exists(), name
+  assert cli.main(common + ["--meta-steps", "4", "--resume"]) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["status"] == "completed" and metrics["final"]["meta_steps"] == 4
+  assert [e["step"] for e in metrics["evals"]] == [0, 2, 4]
+  assert "| sinusoid 5-shot | ntk_steps k=1" in capsys.readouterr().out
+
+
+def test_recipe_classification_and_profile(tmp_path, capsys):
+  assert cli.main(["meta", "--task", "digits", "--inner", "ntk_flow", "--n-way", "3",
+                   "--k-shot", "1", "--k-query", "2", "--meta-steps", "1", "--meta-batch", "2",
+                   "--width", "8", "--depth", "1", "--eval-every", "1", "--eval-tasks", "4",
+                   "--no-progress", "--out", str(tmp_path / "digits")]) == 0
+  metrics = json.loads((tmp_path / "digits" / "metrics.json").read_text())
+  assert 0 <= metrics["final"]["accuracy"] <= 1
+  assert cli.main(["meta", "--profile", "--profile-inner", "maml", "--profile-steps", "1,3",
+                   "--meta-batch", "2", "--width", "8", "--out", str(tmp_path / "prof")]) == 0
+  rows = json.loads((tmp_path / "prof" / "profile.json").read_text())["rows"]
+  assert [(r["inner"], r["first_order"], r["inner_steps"]) for r in rows] == [
+      ("maml", False, 1), ("maml", False, 3), ("maml", True, 1), ("maml", True, 3)]

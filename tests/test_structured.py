@@ -1,0 +1,397 @@
+"""STRUCTURED_DERIVATIVES against a float64 brute-force reference (jacrev + explicit products).
+
+Every kernel must match `tests.zoo.reference_ntk`-style references to a relative error below
+1e-10, over the trace/diagonal/vmap/x2 settings, on the zoo models and on models built here
+to reach each structure rule: strided/dilated/padded/grouped/depthwise/batch-grouped and
+transposed convolutions, weight sharing, calls inside jit / custom_jvp / custom_vjp /
+checkpoint, embedding lookups (all gather modes, tied embeddings), parameters returned as
+outputs, concatenate/pad/reshape of parameters, and a primitive without a rule (scan).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from jax import lax  # noqa: E402
+
+from ntk_dynamics import NtkImplementation, empirical_ntk_fn  # noqa: E402
+from ntk_dynamics.kernels import axes as axes_lib  # noqa: E402
+from ntk_dynamics.kernels import batching  # noqa: E402
+from ntk_dynamics.kernels import structured  # noqa: E402
+from tests import zoo  # noqa: E402
+
+SD = NtkImplementation.STRUCTURED_DERIVATIVES
+TOL = 1e-10
+
+
+# ----------------------------------------------------------------------- references
+
+
+@functools.lru_cache(maxsize=None)
+def _zoo_jacobians(name: str, x2_kind: str):
+  e = zoo.ZOO[name]
+  x2 = {"none": None, "other": e.x2, "same": e.x2_same_batch}[x2_kind]
+  j1 = zoo.flat_jacobian(e.f, e.params, e.x1, e.kwargs)
+  j2 = j1 if x2 is None else zoo.flat_jacobian(e.f, e.params, x2, e.kwargs)
+  return j1, j2
+
+
+def _reference_from(j1, j2, trace_axes, diagonal_axes, per_parameter=False, params=None):
+  def kernels(cols=None):
+    blocks = zoo.reference_full_blocks(j1, j2, cols)
+    return j1.out_def.unflatten([zoo.apply_axes(b, len(s), trace_axes, diagonal_axes)
+                                 for b, s in zip(blocks, j1.out_shapes)])
+  if not per_parameter:
+    return kernels()
+  return jax.tree.structure(params).unflatten([kernels(c) for c in j1.col_slices()])
+
+
+def reference(f, params, x1, x2, trace_axes, diagonal_axes, kwargs=None):
+  j1 = zoo.flat_jacobian(f, params, x1, kwargs)
+  j2 = j1 if x2 is None else zoo.flat_jacobian(f, params, x2, kwargs)
+  return _reference_from(j1, j2, trace_axes, diagonal_axes)
+
+
+def sd(f, params, x1, x2, trace_axes=(-1,), diagonal_axes=(), vmap_axes=None, kwargs=None,
+       per_parameter=False):
+  fn = empirical_ntk_fn(f, trace_axes, diagonal_axes, vmap_axes, SD, per_parameter)
+  return fn(x1, x2, params, **(kwargs or {}))
+
+
+def sd_whole_batch(f, params, x1, x2, trace_axes, diagonal_axes, kwargs=None):
+  """The path without any per-example promise (the API may prove one and skip it)."""
+  kwargs = kwargs or {}
+  oa = axes_lib.OutputAxes.create(trace_axes, diagonal_axes)
+  fx1 = jax.eval_shape(functools.partial(f, **kwargs), params, x1)
+  fx2 = fx1 if x2 is None else jax.eval_shape(functools.partial(f, **kwargs), params, x2)
+
+  @jax.jit
+  def run(p, a, b):
+    parts = structured.ntk(f, p, a, b, kwargs, oa, None, fx1, fx2)
+    return jax.tree.map(lambda *k: functools.reduce(jnp.add, k), *parts)
+
+  return run(params, x1, x2)
+
+
+def check(f, params, x1, x2, trace_axes, diagonal_axes, vmap_axes, kwargs=None):
+  got = sd(f, params, x1, x2, trace_axes, diagonal_axes, vmap_axes, kwargs)
+  zoo.assert_close(got, reference(f, params, x1, x2, trace_axes, diagonal_axes, kwargs), TOL)
+
+
+# ----------------------------------------------------------------------- zoo models
+
+# (trace_axes, diagonal_axes, vmap_axes, x2 is None)
+FULL_GRID = [(t, d, v, s) for t in ((), (-1,)) for d in ((), (0,)) for v in (None, 0)
+             for s in (False, True)]
+SPREAD = [((), (), 0, False), ((-1,), (0,), 0, True), ((-1,), (), None, False),
+          ((), (0,), None, True)]
+
+
+def _zoo_case(name, trace_axes, diagonal_axes, vmap_axes, symmetric):
+  e = zoo.ZOO[name]
+  x2_kind = "none" if symmetric else ("same" if diagonal_axes == (0,) else "other")
+  x2 = {"none": None, "other": e.x2, "same": e.x2_same_batch}[x2_kind]
+  got = sd(e.f, e.params, e.x1, x2, trace_axes, diagonal_axes, vmap_axes, e.kwargs)
+  j1, j2 = _zoo_jacobians(name, x2_kind)
+  zoo.assert_close(got, _reference_from(j1, j2, trace_axes, diagonal_axes), TOL)
+
+
+@pytest.mark.parametrize("trace_axes,diagonal_axes,vmap_axes,symmetric", FULL_GRID)
+@pytest.mark.parametrize("name", ["mlp"])
+def test_full_grid(name, trace_axes, diagonal_axes, vmap_axes, symmetric):
+  _zoo_case(name, trace_axes, diagonal_axes, vmap_axes, symmetric)
+
+
+_OTHERS = [n for n in zoo.ZOO_NAMES if n != "mlp"]
+
+
+@pytest.mark.parametrize("trace_axes,diagonal_axes,vmap_axes,symmetric", SPREAD)
+@pytest.mark.parametrize("name", _OTHERS)
+def test_zoo(name, trace_axes, diagonal_axes, vmap_axes, symmetric):
+  if vmap_axes is not None and not zoo.is_per_example(name):
+    vmap_axes = None
+  _zoo_case(name, trace_axes, diagonal_axes, vmap_axes, symmetric)
+
+
+@pytest.mark.parametrize("name", ["mlp", "attention", "embedding", "conv_depthwise"])
+def test_whole_batch_path(name):
+  e = zoo.ZOO[name]
+  for trace_axes, diagonal_axes, symmetric in (((), (), False), ((-1,), (0,), True)):
+    x2 = None if symmetric else (e.x2_same_batch if diagonal_axes else e.x2)
+    got = sd_whole_batch(e.f, e.params, e.x1, x2, trace_axes, diagonal_axes, e.kwargs)
+    zoo.assert_close(got, reference(e.f, e.params, e.x1, x2, trace_axes, diagonal_axes,
+                                    e.kwargs), TOL)
+
+
+@pytest.mark.parametrize("name,vmap_axes", [("pytree_io", 0), ("attention", None),
+                                            ("conv_grouped", 0)])
+def test_per_parameter_parts(name, vmap_axes):
+  e = zoo.ZOO[name]
+  parts = sd(e.f, e.params, e.x1, e.x2, (), (), vmap_axes, e.kwargs, per_parameter=True)
+  total = sd(e.f, e.params, e.x1, e.x2, (), (), vmap_axes, e.kwargs)
+  j1, j2 = _zoo_jacobians(name, "other")
+  zoo.assert_close(parts, _reference_from(j1, j2, (), (), True, e.params), TOL)
+  summed = jax.tree.map(lambda *k: functools.reduce(jnp.add, k), *jax.tree.leaves(
+      parts, is_leaf=lambda t: jax.tree.structure(t) == jax.tree.structure(total)))
+  zoo.assert_close(summed, total, TOL)
+
+
+# ----------------------------------------------------------------------- rule coverage
+
+rng = np.random.default_rng(0)
+
+
+def _normal(*shape, scale=1.0):
+  return jnp.asarray(rng.normal(size=shape) * scale)
+
+
+def _conv(x, w, **kw):
+  return lax.conv_general_dilated(x, w, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
+
+
+def test_conv_batch_group_count():
+  # batch_group_count=2: example groups {0, 1} meet output-feature groups: not per example.
+  params = {"w": _normal(2, 2, 3, 4, scale=0.3), "v": _normal(3 * 3 * 4, 2, scale=0.2)}
+
+  def f(p, x):
+    h = jnp.tanh(_conv(x, p["w"], window_strides=(1, 1), padding="VALID",
+                       batch_group_count=2))
+    return h.reshape(h.shape[0], -1) @ p["v"]
+
+  x1, x2 = _normal(4, 4, 4, 3), _normal(6, 4, 4, 3)
+  for trace_axes, diagonal_axes, x2_ in (((), (), x2), ((-1,), (), None)):
+    check(f, params, x1, x2_, trace_axes, diagonal_axes, None)
+
+
+def test_conv_transposed_and_nchw_layouts():
+  params = {"w": _normal(3, 2, 3, 2, scale=0.3), "v": _normal(4, 2, 3, 3, scale=0.3)}
+
+  def f(p, x):  # x: (N, H, W, C)
+    h = jnp.tanh(_conv(x, p["w"], window_strides=(1, 2), padding=((2, 1), (0, 2)),
+                       lhs_dilation=(2, 1), rhs_dilation=(1, 2)))
+    # Second conv in NCHW / OIHW / NCHW layouts with a negative padding.
+    h = lax.conv_general_dilated(jnp.transpose(h, (0, 3, 1, 2)), p["v"], (2, 1),
+                                 ((0, -1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    return jnp.sin(h).sum(axis=(2, 3))
+
+  x1, x2 = _normal(2, 5, 6, 3), _normal(3, 5, 6, 3)
+  check(f, params, x1, x2, (), (), 0)
+  check(f, params, x1, None, (-1,), (0,), None)
+
+
+def test_parameter_inside_and_outside_jit_custom_rules_and_checkpoint():
+  params = {"w": _normal(4, 4, scale=0.5), "u": _normal(4, 3, scale=0.5),
+            "s": _normal(4, scale=0.5), "c": _normal(3, scale=0.5)}
+
+  @jax.jit
+  def inner(w, h):
+    return jnp.tanh(h @ w)
+
+  @jax.custom_jvp
+  def scaled_tanh(a, h):  # a parameter used inside a custom_jvp function
+    return jnp.tanh(a * h)
+
+  @scaled_tanh.defjvp
+  def _(primals, tangents):
+    a, h = primals
+    da, dh = tangents
+    y = jnp.tanh(a * h)
+    return y, (1 - y ** 2) * (da * h + a * dh)
+
+  @jax.custom_vjp
+  def shift(c, h):
+    return h + jnp.sin(c)
+
+  shift.defvjp(lambda c, h: (h + jnp.sin(c), c),
+               lambda c, g: (jnp.sum(g * jnp.cos(c), axis=0), g))
+
+  def f(p, x):
+    h = inner(p["w"], x)                      # w inside jit ...
+    h = jax.nn.gelu(h @ p["w"])               # ... and outside it
+    h = scaled_tanh(p["s"], h)
+    h = jax.checkpoint(lambda h: jax.nn.softplus(h @ p["w"]) @ p["u"])(h)
+    h = jax.nn.relu(h) + jax.nn.softplus(p["c"])   # custom_jvp on a parameter
+    return shift(p["c"], h)
+
+  x1, x2 = _normal(3, 4), _normal(2, 4)
+  check(f, params, x1, x2, (), (), 0)
+  check(f, params, x1, None, (-1,), (), None)
+  zoo.assert_close(sd_whole_batch(f, params, x1, x2, (), ()),
+                   reference(f, params, x1, x2, (), ()), TOL)
+
+
+def test_parameter_used_twice_in_one_equation_and_through_reshapes():
+  params = {"w": _normal(4, 6, scale=0.5), "a": _normal(6, scale=0.5),
+            "m": _normal(2, 3, 4, scale=0.5)}
+
+  def f(p, x):
+    h = x @ (p["w"] * p["w"])                          # mul(θ, θ)
+    h = h * p["a"] * p["a"] + p["a"] / 3.0 - 2.0 * p["a"]
+    k = p["m"].reshape(6, 4)                           # a reshape that is not pushable
+    h = jnp.tanh(h) @ k + jnp.tanh(h) @ p["m"].transpose(1, 0, 2).reshape(6, 4)
+    return jnp.concatenate([h, jnp.broadcast_to(p["a"][:2], (h.shape[0], 2))], axis=-1)
+
+  x1, x2 = _normal(3, 4), _normal(4, 4)
+  check(f, params, x1, x2, (), (), 0)
+  check(f, params, x1, None, (-1,), (0,), None)
+
+
+def test_parameters_as_outputs_concatenate_and_pad():
+  params = {"cls": _normal(1, 1, 3), "pos": _normal(5, 3), "w": _normal(2, 3),
+            "bias": _normal(3)}
+
+  def f(p, x):  # x: (N, 4, 2) tokens
+    h = x @ p["w"]
+    cls = jnp.broadcast_to(p["cls"], (x.shape[0], 1, 3))
+    h = jnp.concatenate([cls, h], axis=1) + p["pos"]
+    h = jnp.pad(h, ((0, 0), (1, 0), (0, 0)))
+    return {"tokens": jnp.tanh(h), "bias": jnp.broadcast_to(p["bias"], (x.shape[0], 3))}
+
+  x1, x2 = _normal(2, 4, 2), _normal(3, 4, 2)
+  check(f, params, x1, x2, (), (), 0)
+  check(f, params, x1, None, (-1,), (0,), None)
+
+
+def _embed_model(mode):
+  params = {"emb": _normal(7, 3), "w": _normal(3, 3, scale=0.5)}
+
+  def f(p, tokens):
+    e = jnp.take(p["emb"], tokens, axis=0, mode=mode)
+    e = jnp.nan_to_num(e) if mode == "fill" else e
+    h = jnp.tanh(e @ p["w"])                     # (N, T, 3)
+    logits = h @ p["emb"].T                      # tied output embedding (N, T, 7)
+    return logits.mean(axis=1)
+
+  return f, params
+
+
+@pytest.mark.parametrize("mode", ["clip", "fill", None])
+def test_embedding_modes_and_tied_weights(mode):
+  f, params = _embed_model(mode)
+  x1 = jnp.asarray([[0, 3, 9, 3], [6, 6, -1, 2]])      # out of range in both directions
+  x2 = jnp.asarray([[3, 0, 0, 8], [1, 2, 6, 5], [4, 4, 4, 4]])
+  if mode is None:
+    x1, x2 = jnp.clip(x1, 0, 6), jnp.clip(x2, 0, 6)
+  check(f, params, x1, x2, (), (), 0)
+  check(f, params, x1, None, (-1,), (0,), None)
+
+
+def test_gather_without_embedding_pattern_and_scan_fallback():
+  params = {"w": _normal(3, 3, scale=0.5), "t": _normal(4, 3)}
+
+  def f(p, x):
+    def step(h, _):
+      h = jnp.tanh(h @ p["w"])
+      return h, h
+    h, hs = lax.scan(step, x, None, length=3)
+    pts = p["t"][jnp.array([1, 3, 3]), jnp.array([0, 2, 2])]     # 2-d point lookups
+    rows = p["t"][jnp.array([1, 3]), 1:]                          # partial-row gather
+    return (h + p["t"][jnp.array([1, 3])].sum(0) + pts.sum() * h + rows.sum()
+            + lax.dynamic_slice(p["t"], (1, 1), (2, 2)).sum(0).sum())
+
+  x1, x2 = _normal(2, 3), _normal(3, 3)
+  with pytest.warns(UserWarning, match="'scan'") as record:
+    got = sd(f, params, x1, x2, (), (), 0)
+  assert sum("STRUCTURED_DERIVATIVES" in str(w.message) for w in record) == 1
+  zoo.assert_close(got, reference(f, params, x1, x2, (), ()), TOL)
+
+
+def test_no_warning_for_ruled_primitives():
+  e = zoo.ZOO["attention"]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    sd(e.f, e.params, e.x1, e.x2, (-1,), (), 0)
+
+
+def test_unused_parameter_and_float32():
+  params = {"w": jnp.ones((3, 2), jnp.float32) * 0.3, "unused": jnp.ones(5, jnp.float32)}
+
+  def f(p, x):
+    return jnp.tanh(x @ p["w"])
+
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)), jnp.float32)
+  parts = sd(f, params, x, None, (), (), 0, per_parameter=True)
+  assert parts["unused"].shape == (4, 4, 2, 2) and not np.any(np.asarray(parts["unused"]))
+  assert parts["w"].dtype == jnp.float32
+  ref = reference(f, jax.tree.map(lambda a: a.astype(jnp.float64), params),
+                  x.astype(jnp.float64), None, (), ())
+  np.testing.assert_allclose(parts["w"], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_estimate_flops_names_a_plan_per_leaf():
+  e = zoo.ZOO["mlp"]
+  oa = axes_lib.OutputAxes.create((), ())
+  vm = batching.VmapAxes.create(0)
+  fx = jax.eval_shape(e.f, e.params, e.x1)
+  fx2 = jax.eval_shape(e.f, e.params, e.x2)
+  est = structured.estimate_flops(e.f, e.params, e.x1, e.x2, {}, oa, vm, fx, fx2)
+  assert est["total"] > est["contraction"] > 0
+  assert {p[0] for p in est["plans"]} == set(range(len(jax.tree.leaves(e.params))))
+  assert all(p[2] in ("structured", "jacobian") for p in est["plans"])
+
+
+def test_chains_of_additions_share_one_cotangent():
+  # dot -> + b -> + pos -> - d: the cotangent of each intermediate is that of the last sum.
+  params = {"w": _normal(3, 4), "b": _normal(4), "pos": _normal(2, 4), "d": _normal(4),
+            "v": _normal(4, 2)}
+
+  def f(p, x):  # x: (N, 2, 3)
+    h = x @ p["w"] + p["b"] + p["pos"] - p["d"]
+    h = p["d"] - jnp.tanh(h)
+    return (h - x.sum(-1, keepdims=True)) @ p["v"]
+
+  x1, x2 = _normal(2, 2, 3), _normal(3, 2, 3)
+  check(f, params, x1, x2, (), (), 0)
+  check(f, params, x1, None, (-1,), (0,), None)
+
+
+def test_separable_cotangents_near_the_output():
+  # Conv -> relu -> residual -> global average pool -> dense: the cotangents of the last
+  # layers factorise as A[o, c] · B[example, ...]; also a token-wise dense pair without a
+  # nonlinearity, a flatten head and a scale applied by an example-independent factor.
+  params = {"c0": _normal(3, 3, 2, 3, scale=0.4), "c1": _normal(3, 3, 3, 2, scale=0.4),
+            "b1": _normal(2), "s": _normal(2), "w1": _normal(2, 4, scale=0.5),
+            "w2": _normal(4, 3, scale=0.5), "h": _normal(3, 2, scale=0.5),
+            "f": _normal(4 * 4 * 2, 2, scale=0.3)}
+
+  def f(p, x):  # x: (N, 4, 4, 2)
+    h = jax.nn.relu(_conv(x, p["c0"], window_strides=(1, 1), padding="SAME"))
+    h = _conv(h, p["c1"], window_strides=(1, 1), padding="SAME") + p["b1"]
+    h = jax.nn.gelu(x + h) * (2.0 * p["s"])
+    flat = h.reshape(h.shape[0], -1) @ p["f"]                     # flatten head
+    t = jnp.tanh(h.reshape(h.shape[0], 16, 2) @ p["w1"]) ** 2      # tokens
+    t = (t @ p["w2"]).mean(axis=1)
+    return t @ p["h"] - flat
+
+  x1, x2 = _normal(3, 4, 4, 2), _normal(2, 4, 4, 2)
+  from ntk_dynamics.kernels.structured import core
+  leaves, treedef = jax.tree.flatten(params)
+  fx = jax.eval_shape(f, params, x1)
+  prep = core._prepare(f, leaves, treedef, x1, {}, batching.VmapAxes.create(0), fx)
+  assert len(prep.seps[0]) >= 4, prep.seps
+  for trace_axes, diagonal_axes, x2_ in (((), (), x2), ((-1,), (0,), None),
+                                         ((-1,), (), x2), ((), (0,), x1[:, ::-1])):
+    check(f, params, x1, x2_, trace_axes, diagonal_axes, 0)
+  # The residual block of a wide ResNet: the last conv's cotangent is A[o, c] · mask.
+  params = {"c0": _normal(3, 3, 2, 2, scale=0.4), "c1": _normal(3, 3, 2, 2, scale=0.4),
+            "b1": _normal(2), "h": _normal(2, 3, scale=0.5), "hb": _normal(3)}
+
+  def wrn(p, x):
+    h = _conv(jax.nn.relu(x), p["c0"], window_strides=(1, 1), padding="SAME")
+    h = _conv(jax.nn.relu(h), p["c1"], window_strides=(1, 1), padding="SAME") + p["b1"]
+    return jnp.mean(jax.nn.relu(x + h), axis=(1, 2)) @ p["h"] + p["hb"]
+
+  leaves, treedef = jax.tree.flatten(params)
+  prep = core._prepare(wrn, leaves, treedef, x1, {}, batching.VmapAxes.create(0),
+                       jax.eval_shape(wrn, params, x1))
+  assert len(prep.seps[0]) == 2   # the last conv (+ bias) and the head (+ bias)
+  check(wrn, params, x1, x2, (), (), 0)
+  check(wrn, params, x1, None, (-1,), (0,), 0)

@@ -206,17 +206,6 @@ def test_unknown_implementation():
     empirical_ntk_fn(lambda p, x: x, implementation=17)
 
 
-def test_structured_derivatives_not_yet_available(mlp):
-  fn = empirical_ntk_fn(mlp.f, implementation=NtkImplementation.STRUCTURED_DERIVATIVES)
-  try:
-    fn(mlp.x1, mlp.x2, mlp.params)
-  except NotImplementedError as e:
-    assert "STRUCTURED_DERIVATIVES" in str(e)
-  else:
-    pytest.skip("STRUCTURED_DERIVATIVES is implemented now (checked in "
-                "test_kernels_reference.py)")
-
-
 @pytest.mark.parametrize("get", ["ntk_", ("ntk", "cov"), (), ""])
 def test_empirical_kernel_fn_bad_get(mlp, get):
   kernel_fn = empirical_kernel_fn(mlp.f)

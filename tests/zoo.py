@@ -578,18 +578,8 @@ def assert_close(actual: PyTree, expected: PyTree, tol: float = 1e-10,
 
 # Relative error (to the reference's max abs) allowed against the float64 reference.
 REFERENCE_TOL = 1e-10
-# `implementation` parameters: every member of NtkImplementation. A member listed in
-# PENDING_IMPLEMENTATIONS (one being written) must raise NotImplementedError (strict xfail);
-# the moment it works its tests XPASS and fail, prompting its removal from the set.
-# STRUCTURED_DERIVATIVES was listed until it landed in the working tree.
-PENDING_IMPLEMENTATIONS: set = set()
-IMPLEMENTATIONS = [
-    pytest.param(impl, id=impl.name,
-                 marks=[pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                                          reason=f"{impl.name} not implemented yet")]
-                 if impl in PENDING_IMPLEMENTATIONS else [])
-    for impl in NtkImplementation
-]
+# `implementation` parameters: every member of NtkImplementation.
+IMPLEMENTATIONS = [pytest.param(impl, id=impl.name) for impl in NtkImplementation]
 
 # (trace_axes, diagonal_axes, x2 given?): the full grid of variants ...
 VARIANTS = list(itertools.product([(), (-1,)], [(), (0,)], [True, False]))

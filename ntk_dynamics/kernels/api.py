@@ -307,13 +307,7 @@ def ntk_vp_fn(f: Callable[..., PyTree], x1: PyTree, x2: Optional[PyTree], params
   _check_inputs(x1, x2, None)
   fx1 = _output_shapes(f, params, x1, kwargs, "x1")
   fx2 = fx1 if x2 is None else _output_shapes(f, params, x2, kwargs, "x2")
-  _, jvp1 = jax.linearize(lambda p: f(p, x1, **kwargs), params)
-  if x2 is None:
-    transpose = jax.linear_transpose(jvp1, params)
-    vjp2 = lambda v: transpose(v)[0]
-  else:
-    _, vjp_fn = jax.vjp(lambda p: f(p, x2, **kwargs), params)
-    vjp2 = lambda v: vjp_fn(v)[0]
+  jvp1, vjp2 = ntk_vector_products.linear_maps(f, params, x1, x2, kwargs)
 
   def vp(v: PyTree) -> PyTree:
     if jax.tree.structure(v) != jax.tree.structure(fx2):

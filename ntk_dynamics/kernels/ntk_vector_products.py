@@ -48,15 +48,22 @@ def ntk(f: Callable, params: PyTree, x1: PyTree, x2: Optional[PyTree], kwargs: d
                           chunk_bytes)
 
 
-def _ntk_batched(f, params, x1, x2, kwargs, output_axes, fx1, fx2, chunk_bytes):
+def linear_maps(f: Callable, params: PyTree, x1: PyTree, x2: Optional[PyTree],
+                kwargs: dict) -> tuple[Callable, Callable]:
+  """`(jvp1, vjp2)`: tangent ↦ J(x1)·tangent and cotangent ↦ J(x2)ᵀ·cotangent.
+
+  With `x2=None` one linearization serves both sides: its transpose is x1's VJP.
+  """
   _, jvp1 = jax.linearize(lambda p: f(p, x1, **kwargs), params)
   if x2 is None:
-    # One linearization serves both sides: its transpose is x1's VJP.
     transpose = jax.linear_transpose(jvp1, params)
-    vjp2 = lambda ct: transpose(ct)[0]
-  else:
-    _, vjp_fn = jax.vjp(lambda p: f(p, x2, **kwargs), params)
-    vjp2 = lambda ct: vjp_fn(ct)[0]
+    return jvp1, lambda ct: transpose(ct)[0]
+  _, vjp_fn = jax.vjp(lambda p: f(p, x2, **kwargs), params)
+  return jvp1, lambda ct: vjp_fn(ct)[0]
+
+
+def _ntk_batched(f, params, x1, x2, kwargs, output_axes, fx1, fx2, chunk_bytes):
+  jvp1, vjp2 = linear_maps(f, params, x1, x2, kwargs)
 
   out1_leaves, out_def = jax.tree.flatten(fx1)
   out2_leaves = out_def.flatten_up_to(fx2)

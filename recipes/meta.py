@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--outer-loss", default="auto", choices=("auto", "mse", "xent"),
                  help="query loss of the meta-objective; auto: cross-entropy for maml/anil "
                       "classification, MSE otherwise (the closed forms' inner loss)")
+  p.add_argument("--query-kernel", default="auto", choices=("auto", "explicit", "products"),
+                 help="closed forms: explicit Θ(query, support) or NTK-vector products (auto: "
+                      "explicit for the traced kernel, products for the full one)")
   p.add_argument("--full-kernel", action="store_true",
                  help="closed forms on classification: full per-class kernel (trace_axes=()) "
                       "instead of the logit-traced one")
@@ -160,7 +163,7 @@ def build_inner(args: argparse.Namespace, f, name: str | None = None, inner_step
       name, f, inner_steps=args.inner_steps if inner_steps is None else inner_steps,
       inner_lr=args.inner_lr, first_order=args.first_order,
       ridge=args.ridge if name == "ntk_ridge" else 0.,
-      trace_axes=() if args.full_kernel else (-1,))
+      trace_axes=() if args.full_kernel else (-1,), query_kernel=args.query_kernel)
 
 
 def _peak_rss_mb() -> float:

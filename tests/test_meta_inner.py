@@ -93,9 +93,10 @@ def test_ntk_steps_full_kernel_classification_equals_explicit_sgd():
 
 
 @pytest.mark.parametrize("trace_axes", [(-1,), ()])
-def test_closed_forms_equal_dynamics_with_explicit_kernels(trace_axes):
-  """The matrix-free query side (dual coefficients + NTK-vector products) equals dynamics'
-  `gradient_descent_mse` fed the explicit Θ(query, support) of `empirical_ntk_fn`."""
+@pytest.mark.parametrize("query_kernel", ["explicit", "products"])
+def test_closed_forms_equal_dynamics_with_explicit_kernels(trace_axes, query_kernel):
+  """Both query sides (explicit Θ_qs, or dual coefficients + NTK-vector products) equal
+  dynamics' `gradient_descent_mse` fed the Θ(query, support) of `empirical_ntk_fn`."""
   f, params, support, xq, _ = _classification()
   x, y = support
   lr, steps = 0.1, 4
@@ -107,8 +108,8 @@ def test_closed_forms_equal_dynamics_with_explicit_kernels(trace_axes):
     predict = gradient_descent_mse(ntk_fn(x, None, params), targets, learning_rate=2 * lr,
                                    trace_axes=trace_axes)
     _, expected = predict(float(steps), f(params, x), f(params, xq), ntk_fn(xq, x, params))
-    got = meta.ntk_flow(f, inner_steps=steps, inner_lr=lr, trace_axes=trace_axes)(
-        params, support, xq)
+    got = meta.ntk_flow(f, inner_steps=steps, inner_lr=lr, trace_axes=trace_axes,
+                        query_kernel=query_kernel)(params, support, xq)
     return expected, got
 
   expected, got = both(params)
@@ -294,6 +295,8 @@ def test_bad_inner_loop_arguments():
     meta.ntk_ridge(f, ridge=0.)
   with pytest.raises(ValueError, match="trace_axes"):
     meta.ntk_flow(f, trace_axes=(0,))
+  with pytest.raises(ValueError, match="query_kernel"):
+    meta.ntk_steps(f, query_kernel="dense")
 
 
 def test_closed_form_memory_does_not_grow_with_inner_steps():

@@ -10,7 +10,6 @@ outputs, concatenate/pad/reshape of parameters, and a primitive without a rule (
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 
 import jax

@@ -10,13 +10,13 @@ over the bits of the (static) step count: the same O(log k) products, reverse-di
 No formula is written here; only the loop over the bits is.
 
 Query predictions. The closed forms give f_q(t) = f_q(0) + Θ_qs c_t, linear in the test-train
-kernel, with dual coefficients c_t (n, K) that depend on the support set only. Materialising
-Θ_qs costs a Jacobian of every query point (m·K·P numbers per task: 200 MB of temporaries
-for a 32-task digits meta-batch). Instead `dual_coefficients` reads c_t off dynamics' own
-`predict` by passing the identity as the "test-train kernel" (every formula there is linear in
-it), and `query_kernel_product` applies Θ_qs matrix-free with `ntk_vp_fn` (one VJP on the
-support set and one JVP on the query set per column), so the query set costs a few forward
-passes.
+kernel, with dual coefficients c_t (n, K) that depend on the support set only. With the
+logit-traced kernel the inner loops pass the explicit Θ_qs (cheap with structured derivatives)
+straight to dynamics. For the full kernel, Θ_qs is (m, n, K, K); there `dual_coefficients`
+reads c_t off dynamics' own `predict` by passing the identity as the "test-train kernel"
+(every formula there is linear in it), and `query_kernel_product` applies Θ_qs matrix-free with
+`ntk_vp_fn` (one VJP on the support set and one JVP on the query set), so the query set costs a
+few forward passes.
 """
 from __future__ import annotations
 

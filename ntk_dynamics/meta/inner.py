@@ -24,9 +24,9 @@ Loops (α = `inner_lr`, k = `inner_steps`, inner loss `mean((f − y)²)` or cro
   min_φ mean((f_φ − y)²) + (λ/2)‖φ − θ‖² with λ = 2ρ'/N, N = y_s.size.
 
 The closed forms cost the same for every k or t, so their memory does not grow with k: the
-support kernel Θ_ss (n×n, or nK×nK), one eigendecomposition (or Cholesky factorization for
-the ridge limit) from `dynamics`, and NTK-vector products for the query set (`ntk_vp_fn`:
-Θ_qs is never formed, see `_closed_forms`).
+kernels Θ_ss (n×n, or nK×nK) and Θ_qs (or NTK-vector products in its place, see
+`query_kernel`), one eigendecomposition (or Cholesky factorization for the ridge limit) in
+`dynamics`, and a few matrix products.
 Classification targets are one-hot and the inner loss is MSE; the kernel is traced over the
 logits by default (Θ ⊗ I, `trace_axes=(-1,)`) or the full per-class kernel with
 `trace_axes=()`. With the traced kernel the closed forms are exact for the network whose
@@ -192,9 +192,13 @@ def anil(f: ApplyFn, *, inner_steps: int = 1, inner_lr: float = 0.01,
                                    "optimizer": "sgd" if optimizer is None else "custom"})
 
 
+QUERY_KERNELS = ("auto", "explicit", "products")
+
+
 def _closed_form_loop(name: str, f: ApplyFn, *, inner_steps: int, inner_lr: float,
                       ridge: float, trace_axes: Axes, vmap_axes: Any,
-                      implementation: Union[NtkImplementation, int]) -> InnerLoop:
+                      implementation: Union[NtkImplementation, int],
+                      query_kernel: str) -> InnerLoop:
   inner_steps, inner_lr = _check_steps_lr(inner_steps, inner_lr)
   ridge = float(ridge)
   if not (ridge >= 0 and ridge < float("inf")):
@@ -206,6 +210,9 @@ def _closed_form_loop(name: str, f: ApplyFn, *, inner_steps: int, inner_lr: floa
   if trace not in ((), (-1,)):
     raise ValueError(f"`trace_axes` must be (-1,) (traced logits) or () (full per-class "
                      f"kernel), got {trace_axes!r}.")
+  if query_kernel not in QUERY_KERNELS:
+    raise ValueError(f"`query_kernel` must be one of {QUERY_KERNELS}, got {query_kernel!r}.")
+  explicit = query_kernel == "explicit" or (query_kernel == "auto" and trace == (-1,))
   ntk_fn = empirical_ntk_fn(f, trace_axes=trace, vmap_axes=vmap_axes,
                             implementation=implementation)
   # Inner loss mean((f − y)²) = 2 × neural-tangents' ½ mean: the same step is lr 2α there.
@@ -213,23 +220,31 @@ def _closed_form_loop(name: str, f: ApplyFn, *, inner_steps: int, inner_lr: floa
 
   def adapt(params, support, query_x):
     x, y = support
-    out_s = f(params, x)
-    out_q = f(params, query_x)
+    n = x.shape[0]
+    x_all = jnp.concatenate([x, jnp.asarray(query_x, x.dtype)], axis=0)
+    out_all = f(params, x_all)
+    out_s, out_q = out_all[:n], out_all[n:]
     targets = losses.regression_targets(y, out_s)
-    k_ss = ntk_fn(x, None, params)  # (n, n) traced or (n, n, K, K) full
+    if explicit:  # Θ(support ∪ query, support) in one call: (n + m, n) or (n + m, n, K, K)
+      k_all = ntk_fn(x_all, x, params)
+      k_ss, k_qs = k_all[:n], k_all[n:]
+    else:
+      k_ss = ntk_fn(x, None, params)
     if name == "ntk_steps":
       predict = _closed_forms.steps_predictor(k_ss, targets, nt_lr, inner_steps, ridge, trace)
       t = inner_steps
     else:
       predict = _closed_forms.flow_predictor(k_ss, targets, nt_lr, ridge, trace)
       t = None if name == "ntk_ridge" else float(inner_steps)
+    if explicit:
+      return predict(t, out_s, out_q, k_qs)[1]
     coef = _closed_forms.dual_coefficients(predict, t, out_s, trace)
     return out_q + _closed_forms.query_kernel_product(f, params, query_x, x, coef,
                                                       traced=trace == (-1,))
 
   config = {"inner_steps": inner_steps, "inner_lr": inner_lr, "ridge": ridge,
             "trace_axes": list(trace), "implementation": NtkImplementation(implementation).name,
-            "loss": "mse"}
+            "query_kernel": "explicit" if explicit else "products", "loss": "mse"}
   if name == "ntk_ridge":
     config.pop("inner_steps")
     config.pop("inner_lr")
@@ -238,8 +253,8 @@ def _closed_form_loop(name: str, f: ApplyFn, *, inner_steps: int, inner_lr: floa
 
 def ntk_flow(f: ApplyFn, *, inner_steps: int = 1, inner_lr: float = 0.01, ridge: float = 0.,
              trace_axes: Axes = (-1,), vmap_axes: Any = 0,
-             implementation: Union[NtkImplementation, int] = NtkImplementation.AUTO
-             ) -> InnerLoop:
+             implementation: Union[NtkImplementation, int] = NtkImplementation.AUTO,
+             query_kernel: str = "auto") -> InnerLoop:
   """Closed-form gradient flow of the linearized model on the support MSE for time α·k.
 
   Args:
@@ -251,27 +266,33 @@ def ntk_flow(f: ApplyFn, *, inner_steps: int = 1, inner_lr: float = 0.01, ridge:
     vmap_axes: `empirical_ntk_fn`'s promise that outputs depend on their own example only
       (0, the default, for MLPs/CNNs without batch statistics); None for models that mix
       examples.
-    implementation: an `NtkImplementation`.
+    implementation: an `NtkImplementation` for the kernels.
+    query_kernel: how the query points see the support set. `"explicit"`: Θ(query, support)
+      from `empirical_ntk_fn`, passed to dynamics as `k_test_train`; `"products"`: never
+      formed, applied as NTK-vector products to dual coefficients read off dynamics (see
+      `_closed_forms`); `"auto"` (default): explicit for the traced kernel (cheap with
+      structured derivatives), products for the full kernel (K× smaller than its (m, n, K, K)
+      query kernel).
   """
   return _closed_form_loop("ntk_flow", f, inner_steps=inner_steps, inner_lr=inner_lr,
                            ridge=ridge, trace_axes=trace_axes, vmap_axes=vmap_axes,
-                           implementation=implementation)
+                           implementation=implementation, query_kernel=query_kernel)
 
 
 def ntk_steps(f: ApplyFn, *, inner_steps: int = 1, inner_lr: float = 0.01, ridge: float = 0.,
               trace_axes: Axes = (-1,), vmap_axes: Any = 0,
-              implementation: Union[NtkImplementation, int] = NtkImplementation.AUTO
-              ) -> InnerLoop:
+              implementation: Union[NtkImplementation, int] = NtkImplementation.AUTO,
+              query_kernel: str = "auto") -> InnerLoop:
   """Exactly k steps of `optax.sgd(α)` on the linearized model, in closed form (arguments
   as for `ntk_flow`)."""
   return _closed_form_loop("ntk_steps", f, inner_steps=inner_steps, inner_lr=inner_lr,
                            ridge=ridge, trace_axes=trace_axes, vmap_axes=vmap_axes,
-                           implementation=implementation)
+                           implementation=implementation, query_kernel=query_kernel)
 
 
 def ntk_ridge(f: ApplyFn, *, ridge: float = 1e-3, trace_axes: Axes = (-1,), vmap_axes: Any = 0,
               implementation: Union[NtkImplementation, int] = NtkImplementation.AUTO,
-              **unused: Any) -> InnerLoop:
+              query_kernel: str = "auto", **unused: Any) -> InnerLoop:
   """Kernel ridge regression with the empirical NTK (the t → ∞ / proximal limit).
 
   Args:
@@ -284,7 +305,7 @@ def ntk_ridge(f: ApplyFn, *, ridge: float = 1e-3, trace_axes: Axes = (-1,), vmap
     raise TypeError(f"ntk_ridge got unexpected arguments {sorted(unknown)}.")
   return _closed_form_loop("ntk_ridge", f, inner_steps=1, inner_lr=1., ridge=ridge,
                            trace_axes=trace_axes, vmap_axes=vmap_axes,
-                           implementation=implementation)
+                           implementation=implementation, query_kernel=query_kernel)
 
 
 _BUILDERS = {"maml": maml, "anil": anil, "ntk_flow": ntk_flow, "ntk_steps": ntk_steps,

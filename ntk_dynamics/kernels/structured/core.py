@@ -359,12 +359,6 @@ def _theta_labels(term):
   return tuple(("θ", i) for i in range(len(term.leaf_shape)))
 
 
-def _lead_vmap(fn, n_lead):
-  for _ in range(n_lead):
-    fn = jax.vmap(fn)
-  return fn
-
-
 def _pull_back(prefix, term, x, n_lead):
   """Maps (lead..., stop space) to (lead..., θ) through the transposed prefix chain."""
   if not prefix:
@@ -434,7 +428,6 @@ class _Jacobian:
       return vjp([c.astype(o.dtype) for c, o in zip(ct_list, op(args[gen.position]))])[0]
 
     batched = side.prep.batched
-    n_entry_axes = len(self.lead_shape) - (1 if batched else 0)
     flat_cts = []
     for c in cts:
       lead = c.shape[:1] if batched else ()
@@ -443,7 +436,6 @@ class _Jacobian:
     if batched:
       fn = jax.vmap(fn, in_axes=(0, 0))
     x = fn(flat_cts, slot_vals)
-    del n_entry_axes
     return x.reshape(self.lead_shape + tuple(term.stop_shape))
 
 

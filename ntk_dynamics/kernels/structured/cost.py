@@ -5,8 +5,9 @@ adds them up, together with a model of the cotangent pass:
 
   * forward: one pass per side (per example under `vmap_axes`), counted from the jaxpr:
     dot_general and conv multiply-adds, one op per output element elsewhere;
-  * cotangents: one backward pass per output entry (vmapped), counted as the forward cost
-    (only activation cotangents are propagated: no weight gradients are formed);
+  * cotangents: one backward pass per output entry (vmapped) through the equations that
+    depend on parameters, counting only cotangents of parameter-dependent activations
+    (no weight gradients are formed: those are the contraction's business);
   * contraction: the multiply-adds of the chosen plan of every (output leaf, parameter leaf)
     pair: the per-entry Jacobians and their product, or the structured network, whichever
     `ntk` would pick.
@@ -20,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.extend import core as jcore
 
 from ntk_dynamics.kernels.structured import core
 from ntk_dynamics.kernels.structured import interpreter as interp
@@ -45,6 +47,36 @@ def _eqn_macs(eqn) -> int:
 def jaxpr_macs(jaxpr) -> int:
   """Multiply-adds of one evaluation of `jaxpr` (inner jaxprs counted once)."""
   return sum(_eqn_macs(e) for e in jaxpr.eqns)
+
+
+def backward_macs(jaxpr, dependent: list, chain: list) -> int:
+  """Multiply-adds of propagating one cotangent from the outputs to every use of a
+  parameter: only equations with a parameter-dependent input are visited, and only
+  operands that depend on parameters without being a parameter chain need a cotangent
+  (chains receive the structured Jacobian instead)."""
+  dep = {v for v, d in zip(jaxpr.invars, dependent) if d}
+  chains, _ = interp.static_chains(jaxpr, chain)
+  lit = lambda v: isinstance(v, jcore.Literal)
+  total = 0
+  for eqn in jaxpr.eqns:
+    in_dep = [not lit(v) and v in dep for v in eqn.invars]
+    if not any(in_dep):
+      continue
+    dep.update(eqn.outvars)
+    inner = interp._inner(eqn)
+    if inner is not None and len(eqn.invars) >= len(inner[0].invars):
+      extra = len(eqn.invars) - len(inner[0].invars)
+      total += backward_macs(inner[0], in_dep[extra:],
+                             [not lit(v) and v in chains for v in eqn.invars][extra:])
+      continue
+    needs = sum(d and v not in chains for v, d in zip(eqn.invars, in_dep))
+    if not needs:
+      continue
+    if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+      total += needs * _eqn_macs(eqn)
+    else:
+      total += sum(math.prod(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+  return total
 
 
 def estimate_flops(f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2
@@ -82,10 +114,12 @@ def estimate_flops(f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2
   jax.eval_shape(abstract, [interp.aval(p) for p in param_leaves])
   forward = cotangents = 0
   for prep, fx in ((prep1, fx1),) + (() if x2 is None else ((prep2, fx2),)):
-    macs = jaxpr_macs(prep.traced.jaxpr) * prep.n
+    jaxpr, n_p = prep.traced.jaxpr, prep.traced.n_params
+    n_in = len(jaxpr.invars)
+    flags = [i < n_p for i in range(n_in)]
     entries = sum(int(np.size(o)) for o in jax.tree.leaves(fx)) // max(prep.n, 1)
-    forward += 2 * macs
-    cotangents += 2 * macs * entries
+    forward += 2 * jaxpr_macs(jaxpr) * prep.n
+    cotangents += 2 * backward_macs(jaxpr, flags, flags) * prep.n * entries
   contraction = sum(p[3] for p in result["plans"])
   return {"total": forward + cotangents + contraction, "forward": forward,
           "cotangents": cotangents, "contraction": contraction, "plans": result["plans"]}

@@ -177,7 +177,8 @@ def contract(operands: Sequence[tuple], out: Sequence[Hashable], *, idents=None,
     return s
 
   def first_rank(labels):
-    return min((rank.get(l, len(rank)) for l in labels), default=len(rank))
+    ranks = sorted(rank.get(l, len(rank)) for l in labels)
+    return ranks[0] if ranks else len(rank), -sum(r < len(rank) for r in ranks)
 
   def run(t):
     if isinstance(t, int):

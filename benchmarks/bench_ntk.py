@@ -529,7 +529,8 @@ class Bench:
                      ("not run (--skip-peer)" if a.skip_peer else "no successful peer run yet")))
     w(f"- protocol: x1 ≠ x2 (two batches of the same size), float32, parameters from a fixed "
       f"seed saved once and loaded by both libraries; first call = compile + run; then "
-      f"median of {self.repeats} timed calls, each to `jax.block_until_ready` (fewer, shown "
+      f"median of at least {self.repeats} timed calls (more, up to 200, until they add up to "
+      f"1 s), each to `jax.block_until_ready` (fewer, shown "
       f"as n=, when they would exceed {a.budget_s:g} s); each measurement in its own "
       f"process (memory cap {a.mem_cap_gb:g} GB, time limit {a.timeout:g} s).")
     w(f"- float32 matmul peak (jnp.dot, square): "

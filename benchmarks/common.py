@@ -50,16 +50,20 @@ def ru_maxrss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def timed_calls(call, repeats: int, budget_s: float = float("inf")):
-  """First call (compile + run), then up to `repeats` timed calls, each to
-  block_until_ready. Stops early (never before one timed call) when another call would
-  take the timed calls past `budget_s` seconds; the caller reports how many ran."""
+def timed_calls(call, repeats: int, budget_s: float = float("inf"), min_total_s: float = 1.0,
+                max_calls: int = 200):
+  """First call (compile + run), then timed calls, each to block_until_ready: at least
+  `repeats`, and more (up to `max_calls`) until they add up to `min_total_s`, because the
+  median of five 20 ms calls still moves by tens of percent with the OS scheduler. Stops
+  early (never before one timed call) when another call would take the timed calls past
+  `budget_s` seconds; the caller reports how many ran."""
   import jax
   t0 = time.perf_counter()
   out = jax.block_until_ready(call())
   first = time.perf_counter() - t0
   times = []
-  for _ in range(repeats):
+  while len(times) < max(repeats, 1) or (sum(times) < min_total_s and
+                                         len(times) < max_calls):
     t0 = time.perf_counter()
     out = jax.block_until_ready(call())
     times.append(time.perf_counter() - t0)

@@ -270,6 +270,26 @@ def _attention():
                               "(plain JAX); outputs (N, T, 2)")
 
 
+def _token_pool():
+  rng = _rng(12)
+  d, k = 4, 3
+  params = {"embed": _dense(rng, 2, d), "pos": 0.1 * rng.normal(size=(3, d)),
+            "ln_scale": 1.0 + 0.1 * rng.normal(size=d), "ln_offset": 0.1 * rng.normal(size=d),
+            "head": _dense(rng, d, k), "head_bias": 0.1 * rng.normal(size=k)}
+
+  def f(p, x):  # x: (N, T, 2) -> (N, K): ViT-style layer norm, mean over tokens, dense head
+    h = x @ p["embed"] + p["pos"]
+    mu = h.mean(-1, keepdims=True)
+    h = (h - mu) / jnp.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    h = h * p["ln_scale"] + p["ln_offset"]   # offset: cotangent constant over tokens
+    return h.mean(1) @ p["head"] + p["head_bias"]
+
+  x1, x2 = _inputs(rng, (3, 2))
+  return ZooEntry("token_pool", f, params, x1, x2, per_example=True,
+                  description="token embedding + position table, layer norm, mean over "
+                              "tokens, dense head (plain JAX); outputs (N, 3)")
+
+
 def _embedding():
   rng = _rng(11)
 
@@ -337,6 +357,7 @@ _BUILDERS: dict[str, Callable[[], ZooEntry]] = {
     "batch_mixing": _batch_mixing,
     "cnn_haiku": _cnn_haiku,
     "attention": _attention,
+    "token_pool": _token_pool,
     "embedding": _embedding,
     "batchnorm_state": _batchnorm_state,
     "dropout_rng": _dropout_rng,

@@ -306,6 +306,16 @@ def _ct_ops(ctx, s, term, name):
     if not sep.b and not term.factors:   # nothing depends on the example: broadcast
       ops.append(_Op(labels[:1], lead[:1], lambda: jnp.ones(lead[:1], ctx.dtype),
                      ident=("ones", lead[0])))
+    # An axis of y held by neither A, B nor a factor (the cotangent is constant along it,
+    # e.g. a bias broadcast over tokens before a mean-pool) must still be summed over: without
+    # an operand carrying its label the network would drop the factor of its size.
+    held = set(sep.a_axes).union(*(axes for _, axes in sep.b))
+    held_labels = {l for f in term.factors for l in f.labels + tuple(f.idx_labels)}
+    for i, l in enumerate(term.ct_labels):
+      if i not in held and l not in held_labels:
+        size = int(term.ct_shape[i])
+        ops.append(_Op((name(l),), (size,), lambda size=size: jnp.ones((size,), ctx.dtype),
+                       ident=("ones", size)))
     return ops
   shape = lead + tuple(term.ct_shape)
   return [_Op(labels + tuple(name(l) for l in term.ct_labels), shape,

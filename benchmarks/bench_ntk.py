@@ -542,10 +542,13 @@ class Bench:
     w("## Summary\n")
     w("Per model and kernel: the peer at its fastest (NT STRUCTURED_DERIVATIVES, vmap_axes=0), "
       "our defaults (`empirical_ntk_fn(f)`; `trace_axes=()` for the full kernel), our fastest "
-      "configuration, and the FLOP floor.\n")
+      "configuration, and the FLOP floor. AUTO / best: `implementation=AUTO, vmap_axes=0` "
+      "against our fastest configuration; memory: peak RSS of our defaults over the peer's.\n")
     w("| model | kernel | floor GFLOP | floor time | peer NT | ours defaults | defaults / peer "
-      "| ours best (config) | best / peer | best / floor | peer / floor | kernels agree |")
-    w("|---|---|---|---|---|---|---|---|---|---|---|---|")
+      "| ours best (config) | best / peer | best / floor | peer / floor | AUTO / best "
+      "| memory / peer | kernels agree |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    ratios = []
     for model in a.models:
       cfg = self.configs[model]
       for kind in a.kinds:
@@ -563,6 +566,12 @@ class Bench:
                                              if r.get("auto_choice") else ""), r["median_s"])
         if dt is not None and (best is None or dt < best[1]):
           best = ("defaults", dt)
+        ar = self.rec("ours", model, cfg, kind, "AUTO", 0)
+        at = ar["median_s"] if ar and ar["status"] == "ok" else None
+        mem = (dr["peak_rss_mb"] / pr["peak_rss_mb"] if dt is not None and pt is not None
+               else None)
+        if dt is not None and pt is not None:
+          ratios.append(dt / pt)
         ref, _ = self.reference(model, cfg, kind)
         verdicts = []
         for impl, vmap in [("DEFAULTS", None)] + [(i, 0) for i in OUR_IMPLS]:
@@ -578,7 +587,11 @@ class Bench:
           f"{(fmt_s(best[1]) + ' (' + best[0] + ')') if best else '–'} | "
           f"{fmt_x(best[1] / pt if best and pt else None)} | "
           f"{fmt_x(best[1] / floor_s if best and floor_s else None)} | "
-          f"{fmt_x(pt / floor_s if pt and floor_s else None)} | {agree} |")
+          f"{fmt_x(pt / floor_s if pt and floor_s else None)} | "
+          f"{fmt_x(at / best[1] if at and best else None)} | {fmt_x(mem)} | {agree} |")
+    if ratios:
+      gm = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+      w(f"\nGeometric mean of defaults / peer over the {len(ratios)} rows: **{gm:.3g}×**.")
     w("")
 
     # ---- details

@@ -15,15 +15,17 @@ import sys
 
 
 def run_rows(out: str) -> list[str]:
-  lines = ["| task | inner loop | meta-steps | query MSE (±95% CI) | accuracy % (±95% CI) | "
+  lines = ["| task | inner loop | meta-steps | query loss (±95% CI) | accuracy % (±95% CI) | "
            "ms / meta-step | held-out tasks |", "|---|---|---|---|---|---|---|"]
   for path in sorted(glob.glob(os.path.join(out, "*", "metrics.json"))):
     with open(path) as fh:
       m = json.load(fh)
     r, last = m["final"], m["evals"][-1]
-    acc = ("—" if r.get("accuracy") is None else
+    acc = ("—" if r.get("accuracy") is None or r["accuracy"] != r["accuracy"] else
            f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_ci95']:.1f}")
-    status = "" if m["status"] == "completed" else f" ({m['status']})"
+    status = "" if m["status"] == "completed" else f" (stopped: {m['status']})"
+    if m["config"].get("outer_loss", "auto") != "auto":
+      status += f", outer loss {m['config']['outer_loss']}"
     lines.append(f"| {r['task']} | {r['inner']}{status} | {r['meta_steps']} | "
                  f"{r['loss']:.3f} ± {r['loss_ci95']:.3f} | {acc} | {r['ms_per_step']:.1f} | "
                  f"{last['tasks']} |")

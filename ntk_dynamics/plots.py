@@ -30,8 +30,14 @@ def save_panels(path: str | os.PathLike, panels: Sequence[Panel], *, logx: bool 
       ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+  save_figure(path, fig, suptitle=suptitle)
+
+
+def save_figure(path: str | os.PathLike, fig, *, suptitle: Optional[str] = None,
+                fontsize: Optional[float] = None) -> None:
+  """Lays out `fig`, writes it as a 110 dpi PNG to `path` atomically, and closes it."""
   if suptitle:
-    fig.suptitle(suptitle)
+    fig.suptitle(suptitle, fontsize=fontsize)
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=110)

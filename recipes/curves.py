@@ -124,14 +124,10 @@ def build_model(name: str, width: int, depth: int, num_outputs: int, parameteriz
 
 
 def _save_plot(path, predicted, actual, title: str) -> None:
-  import io
-
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   import numpy as np
 
-  from ntk_dynamics import runs
+  from ntk_dynamics import plots  # selects the headless backend before pyplot is imported
+  import matplotlib.pyplot as plt
 
   s = np.asarray(predicted.steps)
   keep = s > 0  # log-scaled step axis; step 0 is the shared starting point
@@ -153,12 +149,7 @@ def _save_plot(path, predicted, actual, title: str) -> None:
   for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
-  plt.close(fig)
-  runs.atomic_write_bytes(path, buf.getvalue())
+  plots.save_figure(path, fig, suptitle=title, fontsize=10)
 
 
 SWEEP_COLUMNS = ("width", "seed", "num_params", "lr", "lr_ratio", "max_train_loss_deviation",
@@ -170,14 +161,10 @@ SWEEP_COLUMNS = ("width", "seed", "num_params", "lr", "lr_ratio", "max_train_los
 
 
 def _save_sweep_plot(path, rows: list[dict], title: str) -> None:
-  import io
-
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   import numpy as np
 
-  from ntk_dynamics import runs
+  from ntk_dynamics import plots  # selects the headless backend before pyplot is imported
+  import matplotlib.pyplot as plt
 
   widths = sorted({r["width"] for r in rows})
   panels = [("max |L_pred − L_act| / L(0)", (("max_train_loss_deviation", "train", "C0"),
@@ -196,12 +183,7 @@ def _save_sweep_plot(path, rows: list[dict], title: str) -> None:
     ax.set(title=label, xlabel="width", xscale="log", yscale="log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-  fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
-  plt.close(fig)
-  runs.atomic_write_bytes(path, buf.getvalue())
+  plots.save_figure(path, fig, suptitle=title, fontsize=10)
 
 
 # ----------------------------------------------------------------------------- one run

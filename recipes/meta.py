@@ -190,10 +190,8 @@ def _describe(args, outputs) -> str:
 def _plot(path, result, title: str, classification: bool) -> None:
   import numpy as np
 
-  from ntk_dynamics import plots  # noqa: F401  (selects the headless backend)
-  import io
+  from ntk_dynamics import plots  # selects the headless backend before pyplot is imported
   import matplotlib.pyplot as plt
-  from ntk_dynamics.runs import atomic_write_bytes
 
   fig, axes = plt.subplots(1, 2 if classification else 1, figsize=(11 if classification else
                                                                    6, 4), squeeze=False)
@@ -216,12 +214,7 @@ def _plot(path, result, title: str, classification: bool) -> None:
     ax.errorbar(steps, acc, yerr=ci, fmt="o-", color="C1", capsize=3)
     ax.set(xlabel="meta-step", ylabel="held-out accuracy (%)")
     ax.grid(alpha=0.3)
-  fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
-  plt.close(fig)
-  atomic_write_bytes(path, buf.getvalue())
+  plots.save_figure(path, fig, suptitle=title, fontsize=10)
 
 
 def _profile(args, f, params, train) -> int:

@@ -9,27 +9,15 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import pytest  # noqa: E402
 
-import ntk_dynamics as nd  # noqa: E402
-from ntk_dynamics import models  # noqa: E402
 from ntk_dynamics import init as ni  # noqa: E402
 from ntk_dynamics.init import search as search_lib  # noqa: E402
 
-N, D, K = 10, 4, 3
-# Jacobian contraction: the fastest to compile for these tiny models (AUTO is exercised by the
-# matrix-free test and by `spectral_learning_rate`).
-JC = dict(implementation=nd.NtkImplementation.JACOBIAN_CONTRACTION)
-
-
-def _model(activation="tanh", widths=(12, 12), b_std=0.0, w_std=1.0):
-  return models.mlp(list(widths), K, activation=activation, w_std=w_std, b_std=b_std)
+from tests.init_common import JC, K, N, make_setup  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def setup():
-  x = jax.random.normal(jax.random.PRNGKey(1), (N, D), jnp.float64)
-  model = _model()
-  params = model.init(jax.random.PRNGKey(0), x)
-  return model, nd.from_haiku(model), params, x
+  return make_setup()
 
 
 # --- init-scale search ---

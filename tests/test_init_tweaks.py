@@ -10,34 +10,17 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import pytest  # noqa: E402
 
-import ntk_dynamics as nd  # noqa: E402
-from ntk_dynamics import dynamics, models  # noqa: E402
+from ntk_dynamics import dynamics  # noqa: E402
 from ntk_dynamics import init as ni  # noqa: E402
 
-N, D, K = 10, 4, 3
-# Jacobian contraction: the fastest to compile for these tiny models (AUTO is exercised by the
-# matrix-free test and by `spectral_learning_rate`).
-JC = dict(implementation=nd.NtkImplementation.JACOBIAN_CONTRACTION)
-
-
-def _model(activation="tanh", widths=(12, 12), b_std=0.0, w_std=1.0):
-  return models.mlp(list(widths), K, activation=activation, w_std=w_std, b_std=b_std)
+from tests.init_common import JC, D, K, N, make_setup  # noqa: E402
+from tests.init_common import dense_kernel as _dense_kernel  # noqa: E402
+from tests.init_common import make_model as _model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def setup():
-  x = jax.random.normal(jax.random.PRNGKey(1), (N, D), jnp.float64)
-  model = _model()
-  params = model.init(jax.random.PRNGKey(0), x)
-  return model, nd.from_haiku(model), params, x
-
-
-def _dense_kernel(f, params, x, trace_axes=(-1,)):
-  k = nd.empirical_ntk_fn(f, trace_axes=trace_axes, vmap_axes=0, **JC)(x, None, params)
-  k = np.asarray(k)
-  if k.ndim == 4:
-    k = k.transpose(0, 2, 1, 3).reshape(k.shape[0] * k.shape[2], -1)
-  return k
+  return make_setup()
 
 
 # --- tweaks ----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ jittable), and a failure lists every variant that disagrees. Per-parameter kerne
 """
 from __future__ import annotations
 
-import jax
 import pytest
 
 from ntk_dynamics import NtkImplementation, empirical_ntk_fn
@@ -52,13 +51,6 @@ def test_ntk_matches_reference(name, vmap_axes, implementation):
   fns = {v: empirical_ntk_fn(e.f, trace_axes=v[0], diagonal_axes=v[1], vmap_axes=vmap_axes,
                              implementation=implementation)
          for v in _variants(name, vmap_axes, implementation)}
-
-  @jax.jit
-  def all_variants(params, inputs):
-    return {v: fn(inputs["x1"], inputs[x2_mode(v[2], v[1])], params, **e.kwargs)
-            for v, fn in fns.items()}
-
-  inputs = {"x1": e.x1, "none": None, "x2": e.x2, "x2_same_batch": e.x2_same_batch}
-  got = all_variants(e.params, inputs)
+  got = zoo.call_variants(e, fns)
   want = {v: zoo_reference_ntk(name, x2_mode(v[2], v[1]), v[0], v[1]) for v in fns}
   check_variants(got, want)

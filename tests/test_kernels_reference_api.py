@@ -67,14 +67,7 @@ def test_per_parameter(name, implementation):
 def test_nngp_matches_reference(name):
   e = ZOO[name]
   fns = {v: empirical_nngp_fn(e.f, v[0], v[1]) for v in VARIANTS}
-
-  @jax.jit
-  def all_variants(params, inputs):
-    return {v: fn(inputs["x1"], inputs[x2_mode(v[2], v[1])], params, **e.kwargs)
-            for v, fn in fns.items()}
-
-  inputs = {"x1": e.x1, "none": None, "x2": e.x2, "x2_same_batch": e.x2_same_batch}
-  got = all_variants(e.params, inputs)
+  got = zoo.call_variants(e, fns)
   want = {v: zoo.reference_nngp(e.f, e.params, e.x1, x2_input(e, x2_mode(v[2], v[1])), v[0],
                                 v[1], e.kwargs) for v in VARIANTS}
   check_variants(got, want)

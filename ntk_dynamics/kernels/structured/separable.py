@@ -27,19 +27,15 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from ntk_dynamics.kernels.structured import interpreter as interp
+from ntk_dynamics.kernels.structured import rules
 
 GENERAL = "general"
 
 _PASS = {"convert_element_type": 1.0, "copy": 1.0, "copy_p": 1.0, "neg": -1.0,
          "reduce_precision": 1.0}
 _ADD = {"add": (1.0, 1.0), "add_any": (1.0, 1.0), "sub": (1.0, -1.0)}
-_ELEMENTWISE = frozenset({
-    "max", "min", "pow", "integer_pow", "exp", "exp2", "log", "log1p", "expm1", "tanh",
-    "logistic", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh",
-    "acosh", "atanh", "sqrt", "rsqrt", "cbrt", "abs", "square", "erf", "erfc", "erf_inv",
-    "select_n", "clamp", "atan2", "div", "mul", "add", "sub", "neg", "add_any",
-    "convert_element_type", "copy", "copy_p", "lgamma", "digamma", "rem",
-})
+# Complex parts are left out: their derivative is not a real diagonal factor.
+_ELEMENTWISE = rules.ELEMENTWISE - {"real", "imag", "conj"}
 _ZERO = frozenset({"stop_gradient", "sign", "floor", "ceil", "round"})
 
 

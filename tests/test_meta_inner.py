@@ -116,6 +116,24 @@ def test_closed_forms_equal_dynamics_with_explicit_kernels(trace_axes, query_ker
   assert _rel(got, expected) < 1e-10
 
 
+@pytest.mark.parametrize("query_kernel", ["explicit", "products"])
+def test_closed_forms_see_support_and_query_apart_when_examples_mix(query_kernel):
+  """`vmap_axes=None` (outputs may mix examples, here through the batch mean): the support
+  and query sets are evaluated separately, as dynamics is fed them; one joint pass over
+  support ∪ query would change every output."""
+  f0, params, support, xq, _ = _classification()
+  f = lambda p, x: f0(p, x - x.mean(0))
+  x, y = support
+  lr, steps = 0.1, 4
+  ntk_fn = nd.empirical_ntk_fn(f, vmap_axes=None)
+  predict = gradient_descent_mse(ntk_fn(x, None, params), jax.nn.one_hot(y, 3),
+                                 learning_rate=2 * lr)
+  _, expected = predict(float(steps), f(params, x), f(params, xq), ntk_fn(xq, x, params))
+  got = _adapt(meta.ntk_flow(f, inner_steps=steps, inner_lr=lr, vmap_axes=None,
+                             query_kernel=query_kernel), params, support, xq)
+  assert _rel(got, expected) < 1e-10
+
+
 def test_steps_adapter_matches_dynamics_and_is_reverse_differentiable():
   rng = np.random.default_rng(0)
   a = rng.normal(size=(5, 9))

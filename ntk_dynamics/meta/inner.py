@@ -213,6 +213,7 @@ def _closed_form_loop(name: str, f: ApplyFn, *, inner_steps: int, inner_lr: floa
   if query_kernel not in QUERY_KERNELS:
     raise ValueError(f"`query_kernel` must be one of {QUERY_KERNELS}, got {query_kernel!r}.")
   explicit = query_kernel == "explicit" or (query_kernel == "auto" and trace == (-1,))
+  joint = vmap_axes is not None
   ntk_fn = empirical_ntk_fn(f, trace_axes=trace, vmap_axes=vmap_axes,
                             implementation=implementation)
   # Inner loss mean((f − y)²) = 2 × neural-tangents' ½ mean: the same step is lr 2α there.
@@ -221,13 +222,18 @@ def _closed_form_loop(name: str, f: ApplyFn, *, inner_steps: int, inner_lr: floa
   def adapt(params, support, query_x):
     x, y = support
     n = x.shape[0]
-    x_all = jnp.concatenate([x, jnp.asarray(query_x, x.dtype)], axis=0)
-    out_all = f(params, x_all)
-    out_s, out_q = out_all[:n], out_all[n:]
+    if joint:   # one pass over support ∪ query: only when outputs are per example
+      x_all = jnp.concatenate([x, jnp.asarray(query_x, x.dtype)], axis=0)
+      out_all = f(params, x_all)
+      out_s, out_q = out_all[:n], out_all[n:]
+    else:       # a model that mixes examples sees each set on its own
+      out_s, out_q = f(params, x), f(params, query_x)
     targets = losses.regression_targets(y, out_s)
-    if explicit:  # Θ(support ∪ query, support) in one call: (n + m, n) or (n + m, n, K, K)
+    if explicit and joint:  # Θ(support ∪ query, support): (n + m, n) or (n + m, n, K, K)
       k_all = ntk_fn(x_all, x, params)
       k_ss, k_qs = k_all[:n], k_all[n:]
+    elif explicit:
+      k_ss, k_qs = ntk_fn(x, None, params), ntk_fn(query_x, x, params)
     else:
       k_ss = ntk_fn(x, None, params)
     if name == "ntk_steps":

@@ -25,6 +25,7 @@ from ntk_dynamics import NtkImplementation, empirical_ntk_fn  # noqa: E402
 from ntk_dynamics.kernels import axes as axes_lib  # noqa: E402
 from ntk_dynamics.kernels import batching  # noqa: E402
 from ntk_dynamics.kernels import structured  # noqa: E402
+from ntk_dynamics.kernels.structured import core as structured_core  # noqa: E402
 from tests import zoo  # noqa: E402
 
 SD = NtkImplementation.STRUCTURED_DERIVATIVES
@@ -118,6 +119,17 @@ def test_zoo(name, trace_axes, diagonal_axes, vmap_axes, symmetric):
   if vmap_axes is not None and not zoo.is_per_example(name):
     vmap_axes = None
   _zoo_case(name, trace_axes, diagonal_axes, vmap_axes, symmetric)
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv_grouped", "shared_weight", "pytree_io",
+                                  "token_pool", "embedding", "batchnorm_state"])
+def test_examples_in_chunks(name, monkeypatch):
+  """A batched side evaluated one example per chunk (Jacobians formed chunk by chunk and
+  concatenated) gives the same kernel."""
+  monkeypatch.setattr(structured_core, "CHUNK_BYTES", 1)
+  for case in SPREAD:
+    if case[2] is not None:
+      _zoo_case(name, *case)
 
 
 @pytest.mark.parametrize("name", ["mlp", "attention", "embedding", "conv_depthwise"])

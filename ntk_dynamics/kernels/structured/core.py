@@ -129,8 +129,13 @@ class _Side:
   batch_axes: Optional[list] = None   # per output leaf: the batch axis (batched sides)
 
 
-def _evaluate(prep: _Prepared, param_leaves) -> _Side:
+def _evaluate(prep: _Prepared, param_leaves, data: Optional[list] = None,
+              n: Optional[int] = None) -> _Side:
+  """One side's cotangents and recorded arrays, for `data` (default: the whole batch) of
+  `n` examples."""
   traced, sites = prep.traced, prep.sites
+  data = prep.data if data is None else data
+  n = prep.n if n is None else n
 
   def side_fn(pl, dl):
     def run(deltas):
@@ -165,12 +170,61 @@ def _evaluate(prep: _Prepared, param_leaves) -> _Side:
       return cts, aux, sep_a, sep_b
 
     cts, aux, sep_a, sep_b = jax.vmap(side_example, in_axes=(None, prep.data_axes),
-                                      out_axes=(0, 0, None, 0))(param_leaves, prep.data)
-    lead = [(prep.n,) + tuple(s) for s in shapes_holder["s"]]
+                                      out_axes=(0, 0, None, 0))(param_leaves, data)
+    lead = [(n,) + tuple(s) for s in shapes_holder["s"]]
   else:
-    cts, aux, sep_a, sep_b, shapes = side_fn(param_leaves, prep.data)
+    cts, aux, sep_a, sep_b, shapes = side_fn(param_leaves, data)
     lead = [tuple(s) for s in shapes]
   return _Side(prep, cts, aux, lead, sep_a, sep_b)
+
+
+# Per-example intermediates (every site's cotangent for every output entry, conv patches)
+# can be far larger than the per-example Jacobians they are reduced to. A batched side is
+# therefore evaluated in chunks of examples: each chunk's Jacobians are formed while its
+# cotangents are alive, and only the (smaller) Jacobians are concatenated. Chunks are
+# unrolled slices rather than a `lax.map` loop: XLA:CPU runs convolutions inside a while
+# loop on one thread, and unrolled chunks also keep each matmul's operands cache-sized.
+CHUNK_BYTES = 16 * 2**20
+WHOLE_SIDE_BYTES = 64 * 2**20   # sides whose cotangents fit are evaluated in one piece
+
+
+def _num_chunks(prep: _Prepared, fx) -> int:
+  """Chunks of examples such that one chunk's cotangents take about CHUNK_BYTES."""
+  if not prep.batched or prep.n <= 1:
+    return 1
+  entries = sum(int(np.size(o)) for o in jax.tree.leaves(fx)) // prep.n
+  per_example = sum(math.prod(sh) * np.dtype(dt).itemsize
+                    for site in prep.sites for sh, dt in site.out_avals) * entries
+  if prep.n * per_example <= WHOLE_SIDE_BYTES:
+    return 1
+  return int(min(prep.n, math.ceil(prep.n * per_example / CHUNK_BYTES)))
+
+
+def _evaluate_chunks(prep: _Prepared, param_leaves, n_chunks: int) -> list:
+  """`_evaluate` on consecutive slices of the batch (sizes differ by at most one)."""
+  if n_chunks == 1:
+    return [_evaluate(prep, param_leaves)]
+  bounds = np.linspace(0, prep.n, n_chunks + 1).round().astype(int)
+  out = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    data = [d if a is None else jax.lax.slice_in_dim(d, int(lo), int(hi), axis=a)
+            for d, a in zip(prep.data, prep.data_axes)]
+    out.append(_evaluate(prep, param_leaves, data, int(hi - lo)))
+  return out
+
+
+def _concat_sides(chunks: list) -> _Side:
+  """The whole-batch side of chunked evaluations (example axis first on batched arrays).
+  Concatenations no plan reads are dropped by XLA."""
+  if len(chunks) == 1:
+    return chunks[0]
+  cat = lambda *xs: jnp.concatenate(xs, axis=0)
+  first = chunks[0]
+  return _Side(first.prep, jax.tree.map(cat, *[c.cts for c in chunks]),
+               jax.tree.map(cat, *[c.aux for c in chunks]),
+               [(sum(c.lead_shapes[k][0] for c in chunks),) + tuple(sh[1:])
+                for k, sh in enumerate(first.lead_shapes)],
+               first.sep_a, jax.tree.map(cat, *[c.sep_b for c in chunks]))
 
 
 # --------------------------------------------------------------------------- operands
@@ -485,12 +539,21 @@ def _swap_sides(x, out_labels):
 
 @dataclasses.dataclass
 class _Plan:
-  method: str
+  method: str      # "structured": run(); "jacobian": run(J1, J2) from `_leaf_jacobian`
   cost: int
   run: Callable
 
 
-def _plan_leaf(ctx: _Ctx, terms1: list, terms2: list, symmetric: bool) -> _Plan:
+def _leaf_jacobian(ctx: _Ctx, terms: list):
+  """Side 1's per-output-entry Jacobian (lead..., θ) of one parameter leaf: Σ over uses."""
+  values = [_Jacobian(ctx, 1, t, i).value() for i, t in enumerate(terms)]
+  return values[0] if len(values) == 1 else sum(values)
+
+
+def _plan_leaf(ctx: _Ctx, terms1: list, terms2: list, symmetric: bool,
+               chunked: bool = False) -> _Plan:
+  """The cheaper of Jacobians (A) and the structured network (B). On a tie, a chunked side
+  takes A: its Jacobians are formed chunk by chunk, B reads whole-batch cotangents."""
   out = ctx.out_labels
   # A: materialised Jacobians.
   jac1 = [_Jacobian(ctx, 1, t, i) for i, t in enumerate(terms1)]
@@ -504,10 +567,7 @@ def _plan_leaf(ctx: _Ctx, terms1: list, terms2: list, symmetric: bool) -> _Plan:
   cost_a = (sum(j.cost for j in jac1) + (0 if symmetric else sum(j.cost for j in jac2))
             + network.cost(side_labels, out, sizes))
 
-  def run_a():
-    j1 = sum(j.value() for j in jac1) if len(jac1) > 1 else jac1[0].value()
-    j2 = j1 if symmetric else (sum(j.value() for j in jac2) if len(jac2) > 1
-                               else jac2[0].value())
+  def run_a(j1, j2):
     return network.contract([(j1, side_labels[0]), (j2, side_labels[1])], out)
 
   plan = _Plan("jacobian", cost_a, run_a)
@@ -522,7 +582,7 @@ def _plan_leaf(ctx: _Ctx, terms1: list, terms2: list, symmetric: bool) -> _Plan:
     ops, scale = _pair_ops(ctx, terms1[i], i, terms2[j], j)
     nets.append((i, j, ops, scale))
   cost_b = sum(_cost(ops, out) for _, _, ops, _ in nets)
-  if cost_b > cost_a:
+  if cost_b > cost_a or (chunked and cost_b == cost_a):
     return plan
 
   def run_b():
@@ -565,27 +625,61 @@ def ntk(f: Callable, params: PyTree, x1: PyTree, x2: Optional[PyTree], kwargs: d
   param_leaves, prep1, prep2, vm = _setup(f, params, x1, x2, kwargs, output_axes,
                                           vmap_axes, fx1, fx2)
   rules_lib.warn_fallbacks(prep1.fallbacks + (prep2.fallbacks if x2 is not None else []))
-  side1 = _evaluate(prep1, param_leaves)
-  side2 = side1 if x2 is None else _evaluate(prep2, param_leaves)
-  for side, fx in ((side1, fx1), (side2, fx2)):
-    side.batch_axes = vm.leaf_out_axes(fx) if vm is not None else None
+  chunks1 = _evaluate_chunks(prep1, param_leaves, _num_chunks(prep1, fx1))
+  chunks2 = chunks1 if x2 is None else _evaluate_chunks(prep2, param_leaves,
+                                                        _num_chunks(prep2, fx2))
+  side1 = _concat_sides(chunks1)
+  side2 = side1 if x2 is None else _concat_sides(chunks2)
+  for side, chunks, fx in ((side1, chunks1, fx1), (side2, chunks2, fx2)):
+    for sd in [side] + chunks:
+      sd.batch_axes = vm.leaf_out_axes(fx) if vm is not None else None
   out_def = jax.tree.structure(fx1)
   n_out = out_def.num_leaves
-  parts = []
+  chunked = len(chunks1) > 1 or len(chunks2) > 1
   cache: dict = {}
+  plans = {}
   for leaf in range(len(param_leaves)):
-    kernels = []
     terms1 = [t for t in prep1.terms if t.leaf == leaf]
     terms2 = [t for t in prep2.terms if t.leaf == leaf]
-    for k in range(n_out):
+    for k in range(n_out) if terms1 else ():
       ctx = _make_ctx(k, side1, side2, output_axes, fx1, fx2)
       ctx.cache = cache
+      plan = _plan_leaf(ctx, terms1, terms2, x2 is None, chunked)
+      plans[(leaf, k)] = (ctx, plan, terms1, terms2)
+  jacobians = [_chunked_jacobians(plans, chunks1, 0, output_axes, fx1)]
+  jacobians.append(jacobians[0] if x2 is None else
+                   _chunked_jacobians(plans, chunks2, 1, output_axes, fx2))
+  parts = []
+  for leaf in range(len(param_leaves)):
+    kernels = []
+    for k in range(n_out):
+      ctx = _make_ctx(k, side1, side2, output_axes, fx1, fx2)
       shape, o_shape = _kernel_shape(ctx, fx1, fx2, output_axes)
-      if not terms1:
+      if (leaf, k) not in plans:
         kernels.append(jnp.zeros(shape, ctx.dtype))
         continue
-      plan = _plan_leaf(ctx, terms1, terms2, x2 is None)
-      theta = plan.run() / axes_lib.trace_size(o_shape, output_axes)
+      _, plan, _, _ = plans[(leaf, k)]
+      theta = (plan.run(jacobians[0][(leaf, k)], jacobians[1][(leaf, k)])
+               if plan.method == "jacobian" else plan.run())
+      theta = theta / axes_lib.trace_size(o_shape, output_axes)
       kernels.append(theta.astype(ctx.dtype).reshape(shape))
     parts.append(out_def.unflatten(kernels))
   return parts
+
+
+def _chunked_jacobians(plans: dict, chunks: list, side: int, output_axes, fx) -> dict:
+  """{(leaf, k): Jacobian} of one side for every plan that contracts Jacobians, formed
+  chunk by chunk (products shared between leaves within a chunk) and concatenated."""
+  wanted = [key for key, (_, plan, _, _) in plans.items() if plan.method == "jacobian"]
+  per_chunk = []
+  for chunk in chunks:
+    cache: dict = {}
+    values = {}
+    for leaf, k in wanted:
+      ctx = _make_ctx(k, chunk, chunk, output_axes, fx, fx)
+      ctx.cache = cache
+      values[(leaf, k)] = _leaf_jacobian(ctx, plans[(leaf, k)][2 + side])
+    per_chunk.append(values)
+  if len(per_chunk) == 1:
+    return per_chunk[0]
+  return {key: jnp.concatenate([v[key] for v in per_chunk], axis=0) for key in wanted}

@@ -91,6 +91,8 @@ def estimate_flops(f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2
   param_leaves, prep1, prep2, vm = core._setup(f, params, x1, x2, kwargs, output_axes,
                                                vmap_axes, fx1, fx2)
   result: dict = {}
+  chunked = (core._num_chunks(prep1, fx1) > 1
+             or (x2 is not None and core._num_chunks(prep2, fx2) > 1))
 
   def abstract(pl):
     side1 = core._evaluate(prep1, pl)
@@ -106,7 +108,7 @@ def estimate_flops(f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2
         continue
       for k in range(n_out):
         ctx = core._make_ctx(k, side1, side2, output_axes, fx1, fx2)
-        plan = core._plan_leaf(ctx, terms1, terms2, x2 is None)
+        plan = core._plan_leaf(ctx, terms1, terms2, x2 is None, chunked)
         plans.append((leaf, k, plan.method, 2 * plan.cost))
     result["plans"] = plans
     return 0

@@ -184,8 +184,8 @@ def _evaluate(prep: _Prepared, param_leaves, data: Optional[list] = None,
 # cotangents are alive, and only the (smaller) Jacobians are concatenated. Chunks are
 # unrolled slices rather than a `lax.map` loop: XLA:CPU runs convolutions inside a while
 # loop on one thread, and unrolled chunks also keep each matmul's operands cache-sized.
-CHUNK_BYTES = 16 * 2**20
-WHOLE_SIDE_BYTES = 64 * 2**20   # sides whose cotangents fit are evaluated in one piece
+CHUNK_BYTES = 4 * 2**20
+MAX_CHUNKS = 16   # unrolled chunks: compile time grows with their number
 
 
 def _num_chunks(prep: _Prepared, fx) -> int:
@@ -195,9 +195,7 @@ def _num_chunks(prep: _Prepared, fx) -> int:
   entries = sum(int(np.size(o)) for o in jax.tree.leaves(fx)) // prep.n
   per_example = sum(math.prod(sh) * np.dtype(dt).itemsize
                     for site in prep.sites for sh, dt in site.out_avals) * entries
-  if prep.n * per_example <= WHOLE_SIDE_BYTES:
-    return 1
-  return int(min(prep.n, math.ceil(prep.n * per_example / CHUNK_BYTES)))
+  return int(min(prep.n, MAX_CHUNKS, math.ceil(prep.n * per_example / CHUNK_BYTES)))
 
 
 def _evaluate_chunks(prep: _Prepared, param_leaves, n_chunks: int) -> list:
@@ -544,6 +542,12 @@ class _Plan:
   run: Callable
 
 
+def _cotangent_bytes(ctx: _Ctx, terms: list) -> int:
+  """Bytes of the largest whole-batch cotangent, on side 1, of the sites these terms use."""
+  cts = ctx.sides[0].cts[ctx.k]
+  return max(sum(math.prod(c.shape) * c.dtype.itemsize for c in cts[t.site]) for t in terms)
+
+
 def _leaf_jacobian(ctx: _Ctx, terms: list):
   """Side 1's per-output-entry Jacobian (lead..., θ) of one parameter leaf: Σ over uses."""
   values = [_Jacobian(ctx, 1, t, i).value() for i, t in enumerate(terms)]
@@ -552,8 +556,9 @@ def _leaf_jacobian(ctx: _Ctx, terms: list):
 
 def _plan_leaf(ctx: _Ctx, terms1: list, terms2: list, symmetric: bool,
                chunked: bool = False) -> _Plan:
-  """The cheaper of Jacobians (A) and the structured network (B). On a tie, a chunked side
-  takes A: its Jacobians are formed chunk by chunk, B reads whole-batch cotangents."""
+  """The cheaper of Jacobians (A) and the structured network (B). On a tie with chunked
+  sides, A when a site's whole-batch cotangent exceeds a chunk: A forms its Jacobians chunk
+  by chunk, B would hold that cotangent whole (small ones are cheaper in B's layouts)."""
   out = ctx.out_labels
   # A: materialised Jacobians.
   jac1 = [_Jacobian(ctx, 1, t, i) for i, t in enumerate(terms1)]
@@ -582,7 +587,8 @@ def _plan_leaf(ctx: _Ctx, terms1: list, terms2: list, symmetric: bool,
     ops, scale = _pair_ops(ctx, terms1[i], i, terms2[j], j)
     nets.append((i, j, ops, scale))
   cost_b = sum(_cost(ops, out) for _, _, ops, _ in nets)
-  if cost_b > cost_a or (chunked and cost_b == cost_a):
+  if cost_b > cost_a or (chunked and cost_b == cost_a
+                         and _cotangent_bytes(ctx, terms1) > CHUNK_BYTES):
     return plan
 
   def run_b():

@@ -185,7 +185,7 @@ def _evaluate(prep: _Prepared, param_leaves, data: Optional[list] = None,
 # unrolled slices rather than a `lax.map` loop: XLA:CPU runs convolutions inside a while
 # loop on one thread, and unrolled chunks also keep each matmul's operands cache-sized.
 CHUNK_BYTES = 4 * 2**20
-MAX_CHUNKS = 16   # unrolled chunks: compile time grows with their number
+MAX_CHUNKS = 8   # unrolled chunks: compile time grows with their number
 
 
 def _num_chunks(prep: _Prepared, fx) -> int:

@@ -189,13 +189,17 @@ MAX_CHUNKS = 8   # unrolled chunks: compile time grows with their number
 
 
 def _num_chunks(prep: _Prepared, fx) -> int:
-  """Chunks of examples such that one chunk's cotangents take about CHUNK_BYTES."""
+  """Chunks of examples such that one chunk's cotangents take about CHUNK_BYTES; one chunk
+  when no site's whole-batch cotangent exceeds CHUNK_BYTES (then every leaf keeps its
+  network, and chunks would only add compile time and buffers)."""
   if not prep.batched or prep.n <= 1:
     return 1
   entries = sum(int(np.size(o)) for o in jax.tree.leaves(fx)) // prep.n
-  per_example = sum(math.prod(sh) * np.dtype(dt).itemsize
-                    for site in prep.sites for sh, dt in site.out_avals) * entries
-  return int(min(prep.n, MAX_CHUNKS, math.ceil(prep.n * per_example / CHUNK_BYTES)))
+  per_site = [sum(math.prod(sh) * np.dtype(dt).itemsize for sh, dt in site.out_avals)
+              * entries * prep.n for site in prep.sites]
+  if not per_site or max(per_site) <= CHUNK_BYTES:
+    return 1
+  return int(min(prep.n, MAX_CHUNKS, math.ceil(sum(per_site) / CHUNK_BYTES)))
 
 
 def _evaluate_chunks(prep: _Prepared, param_leaves, n_chunks: int) -> list:

@@ -121,15 +121,32 @@ def test_zoo(name, trace_axes, diagonal_axes, vmap_axes, symmetric):
   _zoo_case(name, trace_axes, diagonal_axes, vmap_axes, symmetric)
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv_grouped", "shared_weight", "pytree_io",
-                                  "token_pool", "embedding", "batchnorm_state"])
+@pytest.mark.parametrize("name", ["conv_grouped", "conv_depthwise", "token_pool",
+                                  "batchnorm_state"])
 def test_examples_in_chunks(name, monkeypatch):
-  """A batched side evaluated one example per chunk (Jacobians formed chunk by chunk and
+  """A batched side evaluated in chunks of examples (Jacobians formed chunk by chunk and
   concatenated) gives the same kernel."""
   monkeypatch.setattr(structured_core, "CHUNK_BYTES", 1)
+  counts = []
+  evaluate_chunks = structured_core._evaluate_chunks
+  monkeypatch.setattr(structured_core, "_evaluate_chunks",
+                      lambda prep, pl, n: counts.append(n) or evaluate_chunks(prep, pl, n))
   for case in SPREAD:
     if case[2] is not None:
       _zoo_case(name, *case)
+  assert max(counts) > 1
+
+
+def test_no_chunks_when_structured_networks_dominate(monkeypatch):
+  """An MLP's dense layers keep their networks (only the biases would take Jacobians), so
+  its sides are not chunked, however small the chunk budget."""
+  monkeypatch.setattr(structured_core, "CHUNK_BYTES", 1)
+  counts = []
+  evaluate_chunks = structured_core._evaluate_chunks
+  monkeypatch.setattr(structured_core, "_evaluate_chunks",
+                      lambda prep, pl, n: counts.append(n) or evaluate_chunks(prep, pl, n))
+  _zoo_case("mlp", (), (), 0, False)
+  assert counts == [1, 1]
 
 
 @pytest.mark.parametrize("name", ["mlp", "attention", "embedding", "conv_depthwise"])

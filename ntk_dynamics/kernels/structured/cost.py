@@ -90,30 +90,12 @@ def estimate_flops(f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2
   """
   param_leaves, prep1, prep2, vm = core._setup(f, params, x1, x2, kwargs, output_axes,
                                                vmap_axes, fx1, fx2)
-  result: dict = {}
-  chunked = (core._num_chunks(prep1, fx1) > 1
-             or (x2 is not None and core._num_chunks(prep2, fx2) > 1))
-
-  def abstract(pl):
-    side1 = core._evaluate(prep1, pl)
-    side2 = side1 if x2 is None else core._evaluate(prep2, pl)
-    for side, fx in ((side1, fx1), (side2, fx2)):
-      side.batch_axes = vm.leaf_out_axes(fx) if vm is not None else None
-    plans = []
-    n_out = jax.tree.structure(fx1).num_leaves
-    for leaf in range(len(param_leaves)):
-      terms1 = [t for t in prep1.terms if t.leaf == leaf]
-      terms2 = [t for t in prep2.terms if t.leaf == leaf]
-      if not terms1:
-        continue
-      for k in range(n_out):
-        ctx = core._make_ctx(k, side1, side2, output_axes, fx1, fx2)
-        plan = core._plan_leaf(ctx, terms1, terms2, x2 is None, chunked)
-        plans.append((leaf, k, plan.method, 2 * plan.cost))
-    result["plans"] = plans
-    return 0
-
-  jax.eval_shape(abstract, [interp.aval(p) for p in param_leaves])
+  setting = core._Setting(param_leaves, prep1, prep2, output_axes, fx1, fx2, x2 is None,
+                          [vm.leaf_out_axes(fx) if vm is not None else None
+                           for fx in (fx1, fx2)])
+  found = core._abstract_plans(setting, max(core._chunk_counts(setting)) > 1)
+  plans = [(leaf, k, plan.method, 2 * plan.cost)
+           for (leaf, k), (plan, _, _) in sorted(found.items())]
   forward = cotangents = 0
   for prep, fx in ((prep1, fx1),) + (() if x2 is None else ((prep2, fx2),)):
     jaxpr, n_p = prep.traced.jaxpr, prep.traced.n_params
@@ -122,6 +104,6 @@ def estimate_flops(f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2
     entries = sum(int(np.size(o)) for o in jax.tree.leaves(fx)) // max(prep.n, 1)
     forward += 2 * jaxpr_macs(jaxpr) * prep.n
     cotangents += 2 * backward_macs(jaxpr, flags, flags) * prep.n * entries
-  contraction = sum(p[3] for p in result["plans"])
+  contraction = sum(p[3] for p in plans)
   return {"total": forward + cotangents + contraction, "forward": forward,
-          "cotangents": cotangents, "contraction": contraction, "plans": result["plans"]}
+          "cotangents": cotangents, "contraction": contraction, "plans": plans}

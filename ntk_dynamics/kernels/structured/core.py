@@ -183,15 +183,15 @@ def _evaluate(prep: _Prepared, param_leaves, data: Optional[list] = None,
 # therefore evaluated in chunks of examples: each chunk's Jacobians are formed while its
 # cotangents are alive, and only the (smaller) Jacobians are concatenated. Chunks are
 # unrolled slices rather than a `lax.map` loop: XLA:CPU runs convolutions inside a while
-# loop on one thread, and unrolled chunks also keep each matmul's operands cache-sized.
+# loop on one thread.
 CHUNK_BYTES = 4 * 2**20
 MAX_CHUNKS = 8   # unrolled chunks: compile time grows with their number
 
 
 def _num_chunks(prep: _Prepared, fx) -> int:
   """Chunks of examples such that one chunk's cotangents take about CHUNK_BYTES; one chunk
-  when no site's whole-batch cotangent exceeds CHUNK_BYTES (then every leaf keeps its
-  network, and chunks would only add compile time and buffers)."""
+  when no site's whole-batch cotangent exceeds CHUNK_BYTES (no Jacobian is then worth
+  forming chunk by chunk: chunks would only add compile time and buffers)."""
   if not prep.batched or prep.n <= 1:
     return 1
   entries = sum(int(np.size(o)) for o in jax.tree.leaves(fx)) // prep.n
@@ -646,10 +646,11 @@ def ntk(f: Callable, params: PyTree, x1: PyTree, x2: Optional[PyTree], kwargs: d
                              (side2, chunks2, setting.batch_axes[1])):
     for sd in [side] + chunks:
       sd.batch_axes = axes
-  plans = _plans(setting, side1, side2, n1 > 1 or n2 > 1)
-  jacobians = [_chunked_jacobians(plans, chunks1, 0, output_axes, fx1)]
+  cache: dict = {}   # products shared between leaves (whole-batch sides)
+  plans = _plans(setting, side1, side2, n1 > 1 or n2 > 1, cache)
+  jacobians = [_chunked_jacobians(plans, chunks1, 0, output_axes, fx1, cache)]
   jacobians.append(jacobians[0] if x2 is None else
-                   _chunked_jacobians(plans, chunks2, 1, output_axes, fx2))
+                   _chunked_jacobians(plans, chunks2, 1, output_axes, fx2, cache))
   out_def = jax.tree.structure(fx1)
   parts = []
   for leaf in range(len(param_leaves)):
@@ -682,9 +683,10 @@ class _Setting:
   batch_axes: list   # per side: output leaves' batch axes, or None
 
 
-def _plans(setting: _Setting, side1: _Side, side2: _Side, chunked: bool) -> dict:
+def _plans(setting: _Setting, side1: _Side, side2: _Side, chunked: bool,
+           cache: Optional[dict] = None) -> dict:
   """{(parameter leaf, output leaf): (plan, terms1, terms2)} for every used parameter leaf."""
-  cache: dict = {}
+  cache = {} if cache is None else cache
   plans = {}
   for leaf in range(len(setting.param_leaves)):
     terms1 = [t for t in setting.prep1.terms if t.leaf == leaf]
@@ -727,13 +729,15 @@ def _chunk_counts(setting: _Setting) -> tuple:
   return n1, n2
 
 
-def _chunked_jacobians(plans: dict, chunks: list, side: int, output_axes, fx) -> dict:
+def _chunked_jacobians(plans: dict, chunks: list, side: int, output_axes, fx,
+                       cache: dict) -> dict:
   """{(leaf, k): Jacobian} of one side for every plan that contracts Jacobians, formed
-  chunk by chunk (products shared between leaves within a chunk) and concatenated."""
+  chunk by chunk (products shared between leaves within a chunk; with one chunk, `cache`,
+  shared with the structured plans) and concatenated."""
   wanted = [key for key, (plan, _, _) in plans.items() if plan.method == "jacobian"]
   per_chunk = []
   for chunk in chunks:
-    cache: dict = {}
+    cache = cache if len(chunks) == 1 else {}
     values = {}
     for leaf, k in wanted:
       ctx = _make_ctx(k, chunk, chunk, output_axes, fx, fx)

@@ -637,7 +637,7 @@ def ntk(f: Callable, params: PyTree, x1: PyTree, x2: Optional[PyTree], kwargs: d
   rules_lib.warn_fallbacks(prep1.fallbacks + (prep2.fallbacks if x2 is not None else []))
   setting = _Setting(param_leaves, prep1, prep2, output_axes, fx1, fx2, x2 is None,
                      [vm.leaf_out_axes(fx) if vm is not None else None for fx in (fx1, fx2)])
-  n1, n2 = _chunk_counts(setting)
+  n1, n2, _ = _chunk_counts(setting)
   chunks1 = _evaluate_chunks(prep1, param_leaves, n1)
   chunks2 = chunks1 if x2 is None else _evaluate_chunks(prep2, param_leaves, n2)
   side1 = _concat_sides(chunks1)
@@ -715,18 +715,22 @@ def _abstract_plans(setting: _Setting, chunked: bool) -> dict:
 
 
 def _chunk_counts(setting: _Setting) -> tuple:
-  """Chunks per side. Chunking pays when most of the contraction then works from Jacobians
-  formed chunk by chunk (conv kernels); when the bulk stays in structured networks (an MLP's
-  dense layers, whose biases alone would take Jacobians), those read whole-batch cotangents
-  and chunks only add work: 170 ms -> 300 ms on a 512-wide MLP with N=256."""
+  """(chunks of side 1, chunks of side 2, the chunked abstract plans or None).
+
+  Chunking pays when most of the contraction then works from Jacobians formed chunk by chunk
+  (conv kernels); when the bulk stays in structured networks (an MLP's dense layers, whose
+  biases alone would take Jacobians), those read whole-batch cotangents and chunks only add
+  work: 170 ms -> 300 ms on a 512-wide MLP with N=256. The plans that decided it are returned
+  when chunking is kept (`estimate_flops` reports them)."""
   n1 = _num_chunks(setting.prep1, setting.fx1)
   n2 = n1 if setting.symmetric else _num_chunks(setting.prep2, setting.fx2)
-  if max(n1, n2) > 1:
-    plans = [plan for plan, _, _ in _abstract_plans(setting, True).values()]
-    jacobian = sum(p.cost for p in plans if p.method == "jacobian")
-    if 2 * jacobian <= sum(p.cost for p in plans):
-      return 1, 1
-  return n1, n2
+  if max(n1, n2) == 1:
+    return 1, 1, None
+  plans = _abstract_plans(setting, True)
+  jacobian = sum(p.cost for p, _, _ in plans.values() if p.method == "jacobian")
+  if 2 * jacobian <= sum(p.cost for p, _, _ in plans.values()):
+    return 1, 1, None
+  return n1, n2, plans
 
 
 def _chunked_jacobians(plans: dict, chunks: list, side: int, output_axes, fx,

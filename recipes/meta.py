@@ -2,6 +2,8 @@
 
 Meta-trains a Haiku MLP (or CNN) on sinusoid regression or N-way K-shot classification,
 evaluating every `--eval-every` steps on `--eval-tasks` held-out tasks (mean ± 95% CI).
+`--select validation` also evaluates on tasks of validation classes and reports the held-out
+figures of the meta-parameters that did best there, next to those of the last ones.
 Writes to `--out`: metrics.json, learning_curve.png, checkpoint.npz (resumable with
 `--resume`) and results.md (the final table). `--profile` instead measures the wall time and
 compiled memory of one meta-step of every inner loop against the number of inner steps.
@@ -14,6 +16,8 @@ import sys
 import time
 
 INNER = ("maml", "anil", "ntk_flow", "ntk_steps", "ntk_ridge")
+# Tasks with a split of their classes that holds validation classes (--select validation).
+VALIDATION_TASKS = ("digits", "tfds:omniglot", "tfds:cifar100")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--eval-tasks", type=int, default=600)
   p.add_argument("--eval-batch", type=int, default=100, help="tasks per evaluation call")
   p.add_argument("--checkpoint-every", type=int, default=None, help="default: --eval-every")
+  p.add_argument("--select", default="last", choices=("last", "validation"),
+                 help="meta-parameters to report. last: those after the last step. validation: "
+                      "also evaluate on --eval-tasks tasks of validation classes at every "
+                      "evaluation and report the held-out (test) figures of the best (highest "
+                      "validation accuracy, earliest on ties) next to the last; needs "
+                      f"--task {', '.join(VALIDATION_TASKS)}, and changes the meta-train "
+                      "classes of digits (0-3, validation 4-5) and Omniglot (MAML's 1100, "
+                      "validation 100)")
   p.add_argument("--model", default="auto", choices=("auto", "mlp", "cnn"),
                  help="auto: MLP for sinusoid and digits, CNN for tfds images")
   p.add_argument("--width", type=int, default=None,
@@ -119,15 +131,21 @@ def _check(args: argparse.Namespace) -> None:
     raise SystemExit("error: --outer-loss xent needs a classification task.")
   if args.inner == "ntk_ridge" and not args.ridge > 0:
     raise SystemExit("error: ntk_ridge needs --ridge > 0.")
+  if args.select == "validation" and args.task not in VALIDATION_TASKS:
+    raise SystemExit(f"error: --select validation needs a task with validation classes "
+                     f"(--task {', '.join(VALIDATION_TASKS)}); --task {args.task} has no "
+                     "validation split. Use --select last.")
 
 
 def build_tasks(args: argparse.Namespace):
-  """(train sampler, evaluation sampler with a fixed pool, number of model outputs, the support
-  inputs (n, ...) of one task).
+  """(train sampler, evaluation sampler with a fixed pool, validation sampler with a fixed pool
+  (None unless `--select validation`), number of model outputs, the support inputs (n, ...) of
+  one task).
 
   Raises SystemExit with the sampler's message on impossible sizes (e.g. K-shot larger than a
   class holds)."""
   import tasks
+  validation = None
   try:
     if args.task == "sinusoid":
       train = tasks.SinusoidSampler(args.k_shot, args.k_query)
@@ -135,17 +153,29 @@ def build_tasks(args: argparse.Namespace):
                                          num_tasks=args.eval_tasks, pool_seed=args.eval_seed)
       outputs = 1
     else:
-      source = tasks.load_few_shot_source(args.task, data_dir=args.data_dir)
+      # CIFAR-100's default split already has validation classes.
+      class_splits = ({"digits": tasks.DIGITS_CLASS_SPLITS_WITH_VALIDATION,
+                       "tfds:omniglot": "maml"}.get(args.task)
+                      if args.select == "validation" else None)
+      source = tasks.load_few_shot_source(args.task, data_dir=args.data_dir,
+                                          class_splits=class_splits)
       train = source.sampler("train", n_way=args.n_way, k_shot=args.k_shot,
                              k_query=args.k_query)
       evaluation = source.sampler("test", n_way=args.n_way, k_shot=args.k_shot,
                                   k_query=args.eval_k_query, num_tasks=args.eval_tasks,
                                   pool_seed=args.eval_seed)
+      if args.select == "validation":
+        try:
+          validation = source.sampler("validation", n_way=args.n_way, k_shot=args.k_shot,
+                                      k_query=args.eval_k_query, num_tasks=args.eval_tasks,
+                                      pool_seed=args.eval_seed)
+        except ValueError as e:
+          raise ValueError(f"the validation split (--select validation): {e}") from e
       outputs = args.n_way
   except ValueError as e:
     raise SystemExit(f"error: {e}") from e
   example = train.sample(0, 1)["support"][0][0]
-  return train, evaluation, outputs, example
+  return train, evaluation, validation, outputs, example
 
 
 def build_model(args: argparse.Namespace, outputs: int):
@@ -204,16 +234,26 @@ def _plot(path, result, title: str, classification: bool) -> None:
   ci = np.nan_to_num(np.array([e["loss_ci95"] for e in result.evals]))
   ax.errorbar(steps, loss, yerr=ci, fmt="o-", color="C0", capsize=3,
               label=f"held-out tasks (±95% CI, {result.evals[-1]['tasks']} tasks)")
+  if result.select_evals:
+    ax.errorbar(steps, [e["loss"] for e in result.select_evals],
+                yerr=np.nan_to_num([e["loss_ci95"] for e in result.select_evals]), fmt="s--",
+                color="C2", capsize=3, label="validation tasks")
   ax.set(xlabel="meta-step", ylabel="post-adaptation query loss", yscale="log")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
   if classification:
     ax = axes[0][1]
-    acc = 100 * np.array([e["accuracy"] for e in result.evals])
-    ci = 100 * np.nan_to_num(np.array([e["accuracy_ci95"] for e in result.evals]))
-    ax.errorbar(steps, acc, yerr=ci, fmt="o-", color="C1", capsize=3)
-    ax.set(xlabel="meta-step", ylabel="held-out accuracy (%)")
+    for records, fmt, color, label in ((result.evals, "o-", "C1", "held-out"),
+                                       (result.select_evals, "s--", "C2", "validation")):
+      if records:
+        ax.errorbar(steps, [100 * e["accuracy"] for e in records],
+                    yerr=100 * np.nan_to_num([e["accuracy_ci95"] for e in records]), fmt=fmt,
+                    color=color, capsize=3, label=label)
+    ax.set(xlabel="meta-step", ylabel="accuracy (%)")
+  for ax in axes[0]:
+    if result.best_step is not None:
+      ax.axvline(result.best_step, color="0.4", ls=":", lw=1,
+                 label=f"selected (step {result.best_step})")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
   plots.save_figure(path, fig, suptitle=title, fontsize=10)
 
 
@@ -265,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
   import ntk_dynamics as nd
   from ntk_dynamics import meta, runs
 
-  train, evaluation, outputs, example = build_tasks(args)
+  train, evaluation, validation, outputs, example = build_tasks(args)
   model = build_model(args, outputs)
   params = model.init(jax.random.PRNGKey(args.seed), np.asarray(example))
   f = nd.from_haiku(model)
@@ -282,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
   print(f"{title}; {args.meta_steps} meta-steps of {args.meta_batch} tasks, Adam "
         f"{args.meta_lr:g}; jax {jax.__version__} on {jax.devices()[0].platform}")
   t0 = time.perf_counter()
-  result = meta.meta_train(inner, params, train, evaluation, config,
+  result = meta.meta_train(inner, params, train, evaluation, config, select_sampler=validation,
                            meta_optimizer=optax.adam(args.meta_lr),
                            optimizer_name=f"adam({args.meta_lr!r})", out_dir=args.out,
                            resume=args.resume, progress=not args.no_progress)
@@ -293,27 +333,57 @@ def run(args: argparse.Namespace) -> int:
   if outer == "auto":
     outer = "xent" if classification and args.inner in ("maml", "anil") else "mse"
   loss_name = {"mse": "MSE", "xent": "cross-entropy"}[outer]
-  row = {"task": title.split(",")[0], "inner": title.split("inner ")[-1],
-         "meta_steps": result.step, "loss": final["loss"], "loss_ci95": final["loss_ci95"],
-         "accuracy": final["accuracy"], "accuracy_ci95": final["accuracy_ci95"],
-         "ms_per_step": 1e3 * result.seconds_per_step, "peak_rss_mb": _peak_rss_mb()}
-  header = "| task | inner loop | meta-steps | query " + loss_name + " (±95% CI) |"
-  line = (f"| {row['task']} | {row['inner']} | {row['meta_steps']} | "
-          f"{row['loss']:.4f} ± {row['loss_ci95']:.4f} |")
+  peak_rss_mb = _peak_rss_mb()
+
+  def table_row(record: dict) -> dict:
+    return {"task": title.split(",")[0], "inner": title.split("inner ")[-1],
+            "meta_steps": result.step, "step": record["step"], "loss": record["loss"],
+            "loss_ci95": record["loss_ci95"], "accuracy": record["accuracy"],
+            "accuracy_ci95": record["accuracy_ci95"],
+            "ms_per_step": 1e3 * result.seconds_per_step, "peak_rss_mb": peak_rss_mb}
+
+  row = table_row(final)
+  rows = [row]
+  selected = None
+  if validation is not None:
+    # The held-out record of the selected parameters: evaluated at the same step as `best_eval`.
+    selected = table_row(next(e for e in result.evals if e["step"] == result.best_step))
+    selected.update(parameters="selected", validation=result.best_eval)
+    row.update(parameters="last", validation=result.select_evals[-1])
+    rows = [selected, row]
+  header = "| task | inner loop | meta-steps |"
+  if selected is not None:
+    header += " parameters | validation accuracy % (±95% CI) |"
+  header += " query " + loss_name + " (±95% CI) |"
   if classification:
     header += " accuracy % (±95% CI) |"
-    line += f" {100 * row['accuracy']:.2f} ± {100 * row['accuracy_ci95']:.2f} |"
   header += " ms/step | peak RSS MiB |"
-  line += f" {row['ms_per_step']:.2f} | {row['peak_rss_mb']:.0f} |"
-  table = "\n".join([header, "|" + " --- |" * (header.count("|") - 1), line])
-  print(f"\n{result.message} in {wall:.1f} s ({final['tasks']} held-out tasks)\n{table}")
+  lines = []
+  for r in rows:
+    line = f"| {r['task']} | {r['inner']} | {r['meta_steps']} |"
+    if selected is not None:
+      v = r["validation"]
+      line += (f" {r['parameters']} (step {r['step']}) | "
+               f"{100 * v['accuracy']:.2f} ± {100 * v['accuracy_ci95']:.2f} |")
+    line += f" {r['loss']:.4f} ± {r['loss_ci95']:.4f} |"
+    if classification:
+      line += f" {100 * r['accuracy']:.2f} ± {100 * r['accuracy_ci95']:.2f} |"
+    lines.append(line + f" {r['ms_per_step']:.2f} | {r['peak_rss_mb']:.0f} |")
+  table = "\n".join([header, "|" + " --- |" * (header.count("|") - 1)] + lines)
+  chosen = ("" if selected is None else
+            f"; selected step {result.best_step} on {result.best_eval['tasks']} validation tasks")
+  print(f"\n{result.message} in {wall:.1f} s ({final['tasks']} held-out tasks{chosen})\n"
+        f"{table}")
   if args.out:
-    runs.atomic_write_json(f"{args.out}/metrics.json", {
+    metrics = {
         "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "inner_config": dict(inner.config), "status": result.status,
         "message": result.message, "final": row, "evals": result.evals,
         "train_log": result.train_log, "seconds_per_step": result.seconds_per_step,
-        "wall_seconds": wall, "jax": jax.__version__})
+        "wall_seconds": wall, "jax": jax.__version__}
+    if selected is not None:
+      metrics.update(selected=selected, select_evals=result.select_evals)
+    runs.atomic_write_json(f"{args.out}/metrics.json", metrics)
     runs.atomic_write_bytes(f"{args.out}/results.md", (table + "\n").encode())
     _plot(f"{args.out}/learning_curve.png", result, title, classification)
     print(f"wrote {args.out}/metrics.json, learning_curve.png, results.md, checkpoint.npz")

@@ -1,5 +1,5 @@
-"""Outer loop of `ntk_dynamics.meta`: exact resume, non-finite losses, bad task batches,
-evaluation statistics and the `ntk-dynamics meta` recipe."""
+"""Outer loop of `ntk_dynamics.meta`: exact resume, selection on validation tasks, non-finite
+losses, bad task batches, evaluation statistics and the `ntk-dynamics meta` recipe."""
 import json
 import math
 
@@ -7,6 +7,7 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import pytest  # noqa: E402
@@ -48,6 +49,7 @@ def _assert_same_params(a, b):
 def test_resume_after_a_crash_and_after_a_shorter_run_is_exact(tmp_path):
   full = _train(tmp_path / "full", 6)
   assert full.status == "completed" and full.step == 6
+  assert full.select_evals == [] and full.best_params is None and full.best_step is None
 
   def crash(step, loss):
     if step == 5:
@@ -75,6 +77,70 @@ def test_resume_after_a_crash_and_after_a_shorter_run_is_exact(tmp_path):
   # A checkpoint from other settings is refused, not silently continued.
   with pytest.raises(ValueError, match="different settings"):
     _train(tmp_path / "half", 6, resume=True, meta_batch=4)
+
+
+def _without_time(record):
+  # As text, where NaN (regression accuracy) equals NaN.
+  return json.dumps({k: v for k, v in record.items() if k != "seconds"}, sort_keys=True)
+
+
+def test_selection_keeps_the_best_validation_parameters_and_resumes_them_exactly(tmp_path):
+  inner, params, train, evaluation = _setup()
+  validation = tasks.SinusoidSampler(4, 6, num_tasks=8, pool_seed=11)
+
+  def run(out, resume=False, on_step=None, select_sampler=validation):
+    # Two descent steps, then gradient ascent: the best validation loss lies within the first
+    # three steps, never at the last one.
+    descend_then_ascend = optax.sgd(lambda count: jnp.where(count < 2, 0.05, -0.5))
+    return meta.meta_train(inner, params, train, evaluation, _config(6, eval_every=1),
+                           select_sampler=select_sampler, meta_optimizer=descend_then_ascend,
+                           out_dir=out, resume=resume, progress=False, on_step=on_step)
+
+  full = run(tmp_path / "full")
+  steps = list(range(7))
+  assert [e["step"] for e in full.select_evals] == [e["step"] for e in full.evals] == steps
+  val_losses = [e["loss"] for e in full.select_evals]
+  assert full.best_step == int(np.argmin(val_losses)) < 3  # lowest loss, the earliest on ties
+  assert full.best_eval == full.select_evals[full.best_step]
+  # best_params are the parameters evaluated at best_step: re-evaluating them reproduces both
+  # their validation record and their held-out record.
+  again = meta.evaluate(inner, full.best_params, validation, num_tasks=8, batch_size=4)
+  assert again["loss"] == pytest.approx(full.best_eval["loss"], rel=1e-12)
+  held_out = meta.evaluate(inner, full.best_params, evaluation, num_tasks=8, batch_size=4)
+  assert held_out["loss"] == pytest.approx(full.evals[full.best_step]["loss"], rel=1e-12)
+  assert held_out["loss"] != pytest.approx(full.evals[-1]["loss"], rel=1e-3)
+
+  def interrupt(step, loss):
+    if step == 5:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    run(tmp_path / "crashed", on_step=interrupt)
+  template = {"params": params, "opt_state": full.opt_state, "key": jax.random.key(0),
+              "best_params": params}
+  step, tree, extra = runs.load_checkpoint(tmp_path / "crashed" / meta.train.CHECKPOINT_NAME,
+                                           template)
+  assert step == 4 and extra["best_eval"]["step"] == full.best_step
+  _assert_same_params(tree["best_params"], full.best_params)
+  resumed = run(tmp_path / "crashed", resume=True)
+  assert resumed.best_step == full.best_step
+  _assert_same_params(resumed.best_params, full.best_params)
+  _assert_same_params(resumed.params, full.params)
+  assert _without_time(resumed.best_eval) == _without_time(full.best_eval)
+  assert ([_without_time(e) for e in resumed.select_evals]
+          == [_without_time(e) for e in full.select_evals])
+  with pytest.raises(ValueError, match="selection on validation tasks"):
+    run(tmp_path / "crashed", resume=True, select_sampler=None)
+
+
+def test_selection_ties_keep_the_earliest_parameters():
+  inner, params, train, evaluation = _setup()
+  result = meta.meta_train(inner, params, train, evaluation, _config(2, eval_every=1),
+                           select_sampler=evaluation, meta_optimizer=optax.set_to_zero(),
+                           progress=False)
+  assert len({e["loss"] for e in result.select_evals}) == 1 and result.best_step == 0
+  assert result.best_eval is result.select_evals[0]
+  _assert_same_params(result.best_params, params)
 
 
 class _Poisoned:
@@ -198,6 +264,33 @@ def test_recipe_writes_its_files_and_resumes(tmp_path, capsys):
   assert metrics["status"] == "completed" and metrics["final"]["meta_steps"] == 4
   assert [e["step"] for e in metrics["evals"]] == [0, 2, 4]
   assert "| sinusoid 5-shot | ntk_steps k=1" in capsys.readouterr().out
+
+
+def test_recipe_selects_on_validation_digits_and_reports_both(tmp_path, capsys):
+  out = tmp_path / "selected"
+  assert cli.main(["meta", "--task", "digits", "--select", "validation", "--inner", "ntk_flow",
+                   "--n-way", "3", "--k-shot", "1", "--k-query", "2", "--meta-steps", "3",
+                   "--meta-batch", "2", "--meta-lr", "0.3", "--width", "8", "--depth", "1",
+                   "--eval-every", "1", "--eval-tasks", "6", "--no-progress",
+                   "--out", str(out)]) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  val_acc = [e["accuracy"] for e in metrics["select_evals"]]
+  best = int(np.argmax(val_acc))  # the highest accuracy, the earliest on ties
+  selected, last = metrics["selected"], metrics["final"]
+  assert selected["step"] == best and selected["validation"]["accuracy"] == val_acc[best]
+  assert selected["accuracy"] == metrics["evals"][best]["accuracy"]
+  assert last["parameters"] == "last" and last["step"] == 3
+  assert last["accuracy"] == metrics["evals"][-1]["accuracy"]
+  table = (out / "results.md").read_text()
+  assert f"| selected (step {best}) |" in table and "| last (step 3) |" in table
+  assert f"{100 * selected['accuracy']:.2f} ±" in table
+  assert "selected step" in capsys.readouterr().out
+  for task in ("sinusoid", "tfds:mnist"):
+    with pytest.raises(SystemExit, match=f"--select validation needs .*--task {task} has no"):
+      cli.main(["meta", "--task", task, "--select", "validation"])
+  # Digits 4 and 5 with their rotations are 8 validation classes.
+  with pytest.raises(SystemExit, match=r"validation split \(--select validation\): `n_way`=9"):
+    cli.main(["meta", "--task", "digits", "--select", "validation", "--n-way", "9"])
 
 
 def test_recipe_classification_and_profile(tmp_path, capsys):

@@ -423,3 +423,28 @@ def test_separable_cotangents_near_the_output():
   assert len(prep.seps[0]) == 2   # the last conv (+ bias) and the head (+ bias)
   check(wrn, params, x1, x2, (), (), 0)
   check(wrn, params, x1, None, (-1,), (0,), 0)
+
+
+@pytest.mark.parametrize("la, lb, keep", [
+    ("abij", "cdij", "abcd"),      # per-example Jacobians' Gram: contracted runs merge
+    ("noj", "moj", "nm"),          # traced cotangent Gram
+    ("bnoj", "bmoj", "bnm"),       # with a batch axis
+    ("ijab", "cdji", "abcd"),      # contracted labels in another order: not merged
+    ("aibj", "cidj", "abcd"),      # interleaved free and contracted axes: not merged
+    ("ab", "bc", "ac"),            # already one axis of each kind
+    ("abc", "d", "abcd"),          # outer product
+])
+def test_pairwise_products_equal_einsum(la, lb, keep):
+  """Every arrangement of batch, contracted and free axes (merged into one axis of each kind
+  where they are contiguous runs in the same order, else contracted as they are) gives
+  einsum's product, labelled batch, then a's free, then b's free."""
+  from ntk_dynamics.kernels.structured import network
+  sizes = dict(a=2, b=3, c=4, d=5, i=6, j=7, n=3, m=4, o=2)
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal([sizes[l] for l in la])
+  b = rng.standard_normal([sizes[l] for l in lb])
+  x, labels = network.pairwise(jnp.asarray(a), tuple(la), jnp.asarray(b), tuple(lb), set(keep))
+  want = np.einsum(f"{la},{lb}->{''.join(labels)}", a, b)
+  np.testing.assert_allclose(np.asarray(x), want, rtol=1e-12)
+  batch = [l for l in la if l in lb and l in keep]
+  assert list(labels) == batch + [l for l in la if l not in lb] + [l for l in lb if l not in la]

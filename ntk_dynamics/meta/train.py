@@ -1,11 +1,12 @@
-"""The outer loop: meta-training with optax, evaluation with confidence intervals, checkpoints
-and exact resume.
+"""The outer loop: meta-training with optax, evaluation with confidence intervals, model
+selection on validation tasks, checkpoints and exact resume.
 
 State = (meta-parameters, optimizer state, step, PRNG key). Step s draws its task batch from
 `sampler.sample(key_s', meta_batch)` with `key_{s+1}, key_s' = split(key_s)`, so the run is a
-deterministic function of the seed; a checkpoint holds the whole state plus the metrics so far,
-and a resumed run replays exactly what an uninterrupted one would have done (identical
-parameters, bit for bit, on the same machine and JAX version).
+deterministic function of the seed; a checkpoint holds the whole state plus the metrics so far
+(and the best meta-parameters on validation tasks, when selecting), and a resumed run replays
+exactly what an uninterrupted one would have done (identical parameters and selection, bit for
+bit, on the same machine and JAX version).
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ class MetaConfig:
     meta_steps: total number of meta-updates N.
     meta_batch: tasks per meta-update.
     eval_every: evaluate on held-out tasks every E steps (and at steps 0 and N).
-    eval_tasks: number of held-out tasks (the first `eval_tasks` of the evaluation pool).
+    eval_tasks: number of held-out tasks (the first `eval_tasks` of the evaluation pool, and
+      of the validation pool when selecting).
     eval_batch: tasks per evaluation call (memory only; results do not depend on it).
     checkpoint_every: steps between checkpoints (None: `eval_every`); one is always written
       at the end.
@@ -86,6 +88,14 @@ class MetaResult:
     evals: list of evaluation records (see `evaluate`) with their "step".
     train_log: list of {"step", "loss", "seconds"}: mean training loss over each window.
     seconds_per_step: median wall time of a meta-step (excluding compilation and evaluation).
+    select_evals: the validation records, one per entry of `evals` (same steps); empty
+      without a `select_sampler`.
+    best_params: the meta-parameters of the best validation record (highest accuracy for
+      classification, lowest loss for regression; the earliest on ties; records with
+      non-finite losses rank last); None without a `select_sampler`.
+    best_step: the step `best_params` come from (None without a `select_sampler`); their
+      held-out record is the entry of `evals` at that step.
+    best_eval: their validation record (None without a `select_sampler`).
   """
   params: PyTree
   opt_state: PyTree
@@ -95,6 +105,10 @@ class MetaResult:
   evals: list
   train_log: list
   seconds_per_step: float
+  select_evals: list = dataclasses.field(default_factory=list)
+  best_params: PyTree = None
+  best_step: Optional[int] = None
+  best_eval: Optional[dict] = None
 
 
 def mean_ci95(values: np.ndarray) -> tuple[float, float]:
@@ -211,18 +225,27 @@ def evaluate(inner: InnerLoop, params: PyTree, sampler: Any, *, num_tasks: int =
 
 
 def _fingerprint(inner: InnerLoop, config: MetaConfig, optimizer_name: str,
-                 params: PyTree) -> str:
+                 params: PyTree, selecting: bool) -> str:
   """What must match for a checkpoint to be resumed (everything but `meta_steps`)."""
   desc = {"inner": inner.name, "inner_config": dict(inner.config),
           "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "meta_steps"},
           "optimizer": optimizer_name,
           "params": [(str(p.dtype), list(np.shape(p))) for p in jax.tree.leaves(params)]}
+  # Only when selecting, so that checkpoints written before selection existed still resume.
+  if selecting:
+    desc["select"] = "validation"
   text = json.dumps(desc, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _selection_score(record: dict, classification: bool) -> float:
+  if not record["finite"]:
+    return -math.inf
+  return record["accuracy"] if classification else -record["loss"]
+
+
 def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_sampler: Any,
-               config: MetaConfig = MetaConfig(), *,
+               config: MetaConfig = MetaConfig(), *, select_sampler: Any = None,
                meta_optimizer: Optional[optax.GradientTransformation] = None,
                optimizer_name: str = "adam(1e-3)", out_dir: Optional[str] = None,
                resume: bool = False, progress: bool = True,
@@ -235,6 +258,10 @@ def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_s
     train_sampler: `sample(key, meta_batch)` task source.
     eval_sampler: held-out tasks (ideally a fixed pool of at least `config.eval_tasks`).
     config: a `MetaConfig`.
+    select_sampler: validation tasks (e.g. of classes held out from both `train_sampler` and
+      `eval_sampler`), evaluated alongside `eval_sampler` at every evaluation step; the
+      meta-parameters with the best validation record are kept as `best_params` (see
+      `MetaResult`). None: no selection.
     meta_optimizer: optax transformation (default `optax.adam(1e-3)`).
     optimizer_name: its description, stored in the checkpoint fingerprint.
     out_dir: folder for `checkpoint.npz` (None: no checkpoints).
@@ -244,30 +271,47 @@ def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_s
 
   Returns:
     A `MetaResult`. A non-finite meta-loss or meta-gradient at step s stops training with
-    status "non_finite", returns the state before that step and leaves the last checkpoint
-    (always of a finite state) untouched.
+    status "non_finite", returns the state before that step (and the best parameters
+    evaluated before it) and leaves the last checkpoint (always of a finite state) untouched.
   """
   optimizer = meta_optimizer if meta_optimizer is not None else optax.adam(1e-3)
   ckpt_every = config.checkpoint_every or config.eval_every
   ckpt_path = None if out_dir is None else pathlib.Path(out_dir) / CHECKPOINT_NAME
-  fingerprint = _fingerprint(inner, config, optimizer_name, init_params)
+  selecting = select_sampler is not None
+  fingerprint = _fingerprint(inner, config, optimizer_name, init_params, selecting)
 
   params = init_params
   opt_state = optimizer.init(params)
   key = jax.random.key(config.seed)
   step, evals, train_log = 0, [], []
+  select_evals, best_params, best_eval = [], None, None
   last_ckpt = None
+
+  def state():
+    tree = {"params": params, "opt_state": opt_state, "key": key}
+    if selecting:
+      # The template for loading is built before any evaluation: `params` give it its shape.
+      tree["best_params"] = params if best_params is None else best_params
+    return tree
+
   if resume and ckpt_path is not None:
-    loaded = runs.load_checkpoint(ckpt_path, {"params": params, "opt_state": opt_state,
-                                              "key": key})
+    different = (f"checkpoint {ckpt_path} was written with different settings (inner loop, "
+                 "meta-batch, seed, optimizer, model or selection on validation tasks); use "
+                 "another --out folder or drop --resume.")
+    try:
+      loaded = runs.load_checkpoint(ckpt_path, state())
+    except ValueError as e:
+      # Selecting or not changes the leaves saved, so this fails before the fingerprint is read.
+      raise ValueError(different) from e
     if loaded is not None:
       step, tree, extra = loaded
       if extra.get("fingerprint") != fingerprint:
-        raise ValueError(f"checkpoint {ckpt_path} was written with different settings "
-                         "(inner loop, meta-batch, seed, optimizer or model); use another "
-                         "--out folder or drop --resume.")
+        raise ValueError(different)
       params, opt_state, key = tree["params"], tree["opt_state"], tree["key"]
       evals, train_log = list(extra["evals"]), list(extra["train_log"])
+      if selecting:
+        select_evals, best_eval = list(extra["select_evals"]), extra["best_eval"]
+        best_params = tree["best_params"]
       last_ckpt = step
 
   probe = train_sampler.sample(0, 1)
@@ -292,23 +336,34 @@ def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_s
     k, sub = jax.random.split(k)
     return k, jax.random.key_data(sub)
 
-  def run_eval(at_step):
+  def run_eval(sampler):
     t0 = time.perf_counter()
-    record = evaluate(inner, params, eval_sampler, num_tasks=config.eval_tasks,
+    record = evaluate(inner, params, sampler, num_tasks=config.eval_tasks,
                       batch_size=config.eval_batch, loss=loss_name, metrics_fn=metrics_jit)
-    record.update(step=at_step, seconds=time.perf_counter() - t0)
+    record.update(step=step, seconds=time.perf_counter() - t0)
     return record
+
+  def run_evals():
+    nonlocal best_params, best_eval
+    evals.append(run_eval(eval_sampler))
+    if selecting:
+      select_evals.append(run_eval(select_sampler))
+      # Strictly better only: ties keep the earliest parameters.
+      if best_eval is None or (_selection_score(select_evals[-1], classification)
+                               > _selection_score(best_eval, classification)):
+        best_params, best_eval = params, select_evals[-1]
 
   def checkpoint():
     nonlocal last_ckpt
     if ckpt_path is not None:
       last_ckpt = step
-      runs.save_checkpoint(ckpt_path, {"params": params, "opt_state": opt_state, "key": key},
-                           step=step, extra={"fingerprint": fingerprint, "evals": evals,
-                                             "train_log": train_log})
+      extra = {"fingerprint": fingerprint, "evals": evals, "train_log": train_log}
+      if selecting:
+        extra.update(select_evals=select_evals, best_eval=best_eval)
+      runs.save_checkpoint(ckpt_path, state(), step=step, extra=extra)
 
   if step == 0 and not evals:
-    evals.append(run_eval(0))
+    run_evals()
 
   bar = None
   if progress:
@@ -345,9 +400,9 @@ def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_s
         train_log.append({"step": step, "loss": float(np.mean(window))})
         window = []
       if step % config.eval_every == 0 or last_step:
-        evals.append(run_eval(step))
+        run_evals()
         if bar is not None:
-          bar.write(_format_eval(evals[-1]))
+          bar.write(_format_eval(evals[-1], select_evals[-1] if selecting else None))
       if is_ckpt:
         checkpoint()
       if bar is not None:
@@ -359,17 +414,25 @@ def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_s
       bar.close()
   if status == "completed":
     if not evals or evals[-1]["step"] != step:
-      evals.append(run_eval(step))
+      run_evals()
     message = f"completed {step} meta-steps"
   # The first timed step of this call includes compilation.
   times = step_times[1:]
   return MetaResult(params=params, opt_state=opt_state, step=step, status=status,
                     message=message, evals=evals, train_log=train_log,
-                    seconds_per_step=float(np.median(times)) if times else float("nan"))
+                    seconds_per_step=float(np.median(times)) if times else float("nan"),
+                    select_evals=select_evals, best_params=best_params,
+                    best_step=None if best_eval is None else best_eval["step"],
+                    best_eval=best_eval)
 
 
-def _format_eval(record: dict) -> str:
-  text = f"step {record['step']:>6d}: query loss {record['loss']:.4f} ± {record['loss_ci95']:.4f}"
+def _format_metrics(record: dict) -> str:
+  text = f"query loss {record['loss']:.4f} ± {record['loss_ci95']:.4f}"
   if math.isfinite(record.get("accuracy", float("nan"))):
     text += f", accuracy {100 * record['accuracy']:.2f} ± {100 * record['accuracy_ci95']:.2f}%"
   return text + f" ({record['tasks']} tasks)"
+
+
+def _format_eval(record: dict, validation: Optional[dict] = None) -> str:
+  text = f"step {record['step']:>6d}: {_format_metrics(record)}"
+  return text if validation is None else f"{text}; validation {_format_metrics(validation)}"

@@ -110,13 +110,44 @@ def pairwise(a, la: Labels, b, lb: Labels, keep) -> tuple:
   b, lb = _sum_out(b, lb, set(keep) | set(la))
   batch = [l for l in la if l in lb and l in keep]
   contract = [l for l in la if l in lb and l not in keep]
-  dims = (([la.index(l) for l in contract], [lb.index(l) for l in contract]),
-          ([la.index(l) for l in batch], [lb.index(l) for l in batch]))
-  dtype = jnp.result_type(a, b)
-  res = lax.dot_general(a.astype(dtype), b.astype(dtype), dims)
   labels = tuple(batch) + tuple(l for l in la if l not in lb) + tuple(
       l for l in lb if l not in la)
-  return res, labels
+  dtype = jnp.result_type(a, b)
+  a, b = a.astype(dtype), b.astype(dtype)
+  merged = _merged_operands(a, la, b, lb, batch, contract)
+  if merged is not None:
+    (a2, (ca, ba)), (b2, (cb, bb)) = merged
+    res = lax.dot_general(a2, b2, ((ca, cb), (ba, bb)))
+    sizes = dict(zip(la, a.shape))
+    sizes.update(zip(lb, b.shape))
+    return res.reshape([sizes[l] for l in labels]), labels
+  dims = (([la.index(l) for l in contract], [lb.index(l) for l in contract]),
+          ([la.index(l) for l in batch], [lb.index(l) for l in batch]))
+  return lax.dot_general(a, b, dims), labels
+
+
+def _merged_operands(a, la, b, lb, batch, contract):
+  """Both operands reshaped so that each holds at most one batch, one contracted and one
+  free axis, with the dot_general dimension numbers of each: possible when every kind of
+  axis is one contiguous run and the shared runs list their labels in the same order.
+  XLA:CPU canonicalises a dot with several contracted or free axes by transposing an
+  operand into a copy; on merged operands it reads a transposed layout in place."""
+  def runs(x, labels):
+    kind = ["b" if l in batch else "c" if l in contract else "f" for l in labels]
+    order = [k for i, k in enumerate(kind) if i == 0 or kind[i - 1] != k]
+    if len(order) != len(set(order)):
+      return None
+    sub = lambda k: [l for l, kk in zip(labels, kind) if kk == k]
+    if sub("b") != batch or sub("c") != contract:
+      return None
+    shape = [math.prod(x.shape[i] for i, kk in enumerate(kind) if kk == k) for k in order]
+    return x.reshape(shape), (([order.index("c")] if "c" in order else []),
+                              ([order.index("b")] if "b" in order else []))
+
+  ra, rb = runs(a, la), runs(b, lb)
+  if ra is None or rb is None or (a.ndim == ra[0].ndim and b.ndim == rb[0].ndim):
+    return None
+  return ra, rb
 
 
 def _canonical(entries, keep, is_global):

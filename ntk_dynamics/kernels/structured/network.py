@@ -5,7 +5,8 @@ output is summed; a label in the output and in several operands is a batch axis.
 is found by dynamic programming over subsets (exact for the ≤ 10 operands that occur here),
 counting multiply-adds: a pairwise step costs the product of the sizes of all labels of its
 two inputs. Each step is a single `lax.dot_general` (after summing labels that only one
-input still needs), so XLA sees plain matmuls.
+input still needs, and with contiguous runs of batch, contracted and free axes merged into one
+axis each where both inputs agree on them), so XLA sees plain matmuls.
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ from ntk_dynamics.kernels import axes as axes_lib  # noqa: E402
 from ntk_dynamics.kernels import batching  # noqa: E402
 from ntk_dynamics.kernels import structured  # noqa: E402
 from ntk_dynamics.kernels.structured import core as structured_core  # noqa: E402
+from ntk_dynamics.kernels.structured import network  # noqa: E402
 from tests import zoo  # noqa: E402
 
 SD = NtkImplementation.STRUCTURED_DERIVATIVES
@@ -121,16 +122,22 @@ def test_zoo(name, trace_axes, diagonal_axes, vmap_axes, symmetric):
   _zoo_case(name, trace_axes, diagonal_axes, vmap_axes, symmetric)
 
 
-@pytest.mark.parametrize("name", ["conv_grouped", "conv_depthwise", "token_pool",
-                                  "batchnorm_state"])
-def test_examples_in_chunks(name, monkeypatch):
-  """A batched side evaluated in chunks of examples (Jacobians formed chunk by chunk and
-  concatenated) gives the same kernel."""
+def _chunk_counts_with_tiny_chunks(monkeypatch) -> list:
+  """Sets a 1-byte chunk budget; returns the list that records every side's chunk count."""
   monkeypatch.setattr(structured_core, "CHUNK_BYTES", 1)
   counts = []
   evaluate_chunks = structured_core._evaluate_chunks
   monkeypatch.setattr(structured_core, "_evaluate_chunks",
                       lambda prep, pl, n: counts.append(n) or evaluate_chunks(prep, pl, n))
+  return counts
+
+
+@pytest.mark.parametrize("name", ["conv_grouped", "conv_depthwise", "token_pool",
+                                  "batchnorm_state"])
+def test_examples_in_chunks(name, monkeypatch):
+  """A batched side evaluated in chunks of examples (Jacobians formed chunk by chunk and
+  concatenated) gives the same kernel."""
+  counts = _chunk_counts_with_tiny_chunks(monkeypatch)
   for case in SPREAD:
     if case[2] is not None:
       _zoo_case(name, *case)
@@ -140,11 +147,7 @@ def test_examples_in_chunks(name, monkeypatch):
 def test_no_chunks_when_structured_networks_dominate(monkeypatch):
   """An MLP's dense layers keep their networks (only the biases would take Jacobians), so
   its sides are not chunked, however small the chunk budget."""
-  monkeypatch.setattr(structured_core, "CHUNK_BYTES", 1)
-  counts = []
-  evaluate_chunks = structured_core._evaluate_chunks
-  monkeypatch.setattr(structured_core, "_evaluate_chunks",
-                      lambda prep, pl, n: counts.append(n) or evaluate_chunks(prep, pl, n))
+  counts = _chunk_counts_with_tiny_chunks(monkeypatch)
   _zoo_case("mlp", (), (), 0, False)
   assert counts == [1, 1]
 
@@ -425,26 +428,28 @@ def test_separable_cotangents_near_the_output():
   check(wrn, params, x1, None, (-1,), (0,), 0)
 
 
-@pytest.mark.parametrize("la, lb, keep", [
-    ("abij", "cdij", "abcd"),      # per-example Jacobians' Gram: contracted runs merge
-    ("noj", "moj", "nm"),          # traced cotangent Gram
-    ("bnoj", "bmoj", "bnm"),       # with a batch axis
-    ("ijab", "cdji", "abcd"),      # contracted labels in another order: not merged
-    ("aibj", "cidj", "abcd"),      # interleaved free and contracted axes: not merged
-    ("ab", "bc", "ac"),            # already one axis of each kind
-    ("abc", "d", "abcd"),          # outer product
+@pytest.mark.parametrize("la, lb, keep, merged", [
+    ("abij", "cdij", "abcd", True),    # per-example Jacobians' Gram: contracted runs merge
+    ("noj", "moj", "nm", True),        # traced cotangent Gram
+    ("bnoj", "bmoj", "bnm", True),     # with a batch axis
+    ("abc", "d", "abcd", True),        # outer product
+    ("ijab", "cdji", "abcd", False),   # contracted labels in another order
+    ("aibj", "cidj", "abcd", False),   # interleaved free and contracted axes
+    ("ab", "bc", "ac", False),         # already one axis of each kind: nothing to merge
 ])
-def test_pairwise_products_equal_einsum(la, lb, keep):
+def test_pairwise_products_equal_einsum(la, lb, keep, merged):
   """Every arrangement of batch, contracted and free axes (merged into one axis of each kind
   where they are contiguous runs in the same order, else contracted as they are) gives
   einsum's product, labelled batch, then a's free, then b's free."""
-  from ntk_dynamics.kernels.structured import network
   sizes = dict(a=2, b=3, c=4, d=5, i=6, j=7, n=3, m=4, o=2)
   rng = np.random.default_rng(0)
   a = rng.standard_normal([sizes[l] for l in la])
   b = rng.standard_normal([sizes[l] for l in lb])
+  batch = [l for l in la if l in lb and l in keep]
+  contract = [l for l in la if l in lb and l not in keep]
+  assert (network._merged_operands(jnp.asarray(a), tuple(la), jnp.asarray(b), tuple(lb),
+                                   batch, contract) is not None) == merged
   x, labels = network.pairwise(jnp.asarray(a), tuple(la), jnp.asarray(b), tuple(lb), set(keep))
   want = np.einsum(f"{la},{lb}->{''.join(labels)}", a, b)
   np.testing.assert_allclose(np.asarray(x), want, rtol=1e-12)
-  batch = [l for l in la if l in lb and l in keep]
   assert list(labels) == batch + [l for l in la if l not in lb] + [l for l in lb if l not in la]

@@ -617,14 +617,15 @@ def _kernel_shape(ctx, fx1, fx2, output_axes):
 # --------------------------------------------------------------------------- entry points
 
 
-def _setup(f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2):
+def _setup(f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2) -> "_Setting":
   param_leaves, p_def = jax.tree.flatten(params)
   batched = vmap_axes is not None and all(
       a is not None for a in vmap_axes.leaf_out_axes(fx1))
   vm = vmap_axes if batched else None
   prep1 = _prepare(f, param_leaves, p_def, x1, kwargs, vm, fx1)
   prep2 = prep1 if x2 is None else _prepare(f, param_leaves, p_def, x2, kwargs, vm, fx2)
-  return param_leaves, prep1, prep2, vm
+  return _Setting(param_leaves, prep1, prep2, output_axes, fx1, fx2, x2 is None,
+                  [vm.leaf_out_axes(fx) if vm is not None else None for fx in (fx1, fx2)])
 
 
 def ntk(f: Callable, params: PyTree, x1: PyTree, x2: Optional[PyTree], kwargs: dict,
@@ -632,11 +633,9 @@ def ntk(f: Callable, params: PyTree, x1: PyTree, x2: Optional[PyTree], kwargs: d
         fx1: PyTree, fx2: PyTree) -> list[PyTree]:
   """Per-parameter-leaf NTK contributions (list over leaves of output-structured kernels),
   the signature of `jacobian_contraction.ntk`. `x2=None` computes each factor once."""
-  param_leaves, prep1, prep2, vm = _setup(f, params, x1, x2, kwargs, output_axes,
-                                          vmap_axes, fx1, fx2)
+  setting = _setup(f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2)
+  param_leaves, prep1, prep2 = setting.param_leaves, setting.prep1, setting.prep2
   rules_lib.warn_fallbacks(prep1.fallbacks + (prep2.fallbacks if x2 is not None else []))
-  setting = _Setting(param_leaves, prep1, prep2, output_axes, fx1, fx2, x2 is None,
-                     [vm.leaf_out_axes(fx) if vm is not None else None for fx in (fx1, fx2)])
   n1, n2, _ = _chunk_counts(setting)
   chunks1 = _evaluate_chunks(prep1, param_leaves, n1)
   chunks2 = chunks1 if x2 is None else _evaluate_chunks(prep2, param_leaves, n2)
@@ -741,11 +740,11 @@ def _chunked_jacobians(plans: dict, chunks: list, side: int, output_axes, fx,
   wanted = [key for key, (plan, _, _) in plans.items() if plan.method == "jacobian"]
   per_chunk = []
   for chunk in chunks:
-    cache = cache if len(chunks) == 1 else {}
+    chunk_cache = cache if len(chunks) == 1 else {}
     values = {}
     for leaf, k in wanted:
       ctx = _make_ctx(k, chunk, chunk, output_axes, fx, fx)
-      ctx.cache = cache
+      ctx.cache = chunk_cache
       values[(leaf, k)] = _leaf_jacobian(ctx, plans[(leaf, k)][1 + side])
     per_chunk.append(values)
   if len(per_chunk) == 1:

@@ -88,11 +88,8 @@ def estimate_flops(f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2
   "jacobian", FLOPs). Shapes are all that is used; arrays may be ShapeDtypeStructs
   (params, x1, x2) as long as `f` can be traced on them.
   """
-  param_leaves, prep1, prep2, vm = core._setup(f, params, x1, x2, kwargs, output_axes,
-                                               vmap_axes, fx1, fx2)
-  setting = core._Setting(param_leaves, prep1, prep2, output_axes, fx1, fx2, x2 is None,
-                          [vm.leaf_out_axes(fx) if vm is not None else None
-                           for fx in (fx1, fx2)])
+  setting = core._setup(f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2)
+  prep1, prep2 = setting.prep1, setting.prep2
   found = core._chunk_counts(setting)[2] or core._abstract_plans(setting, False)
   plans = [(leaf, k, plan.method, 2 * plan.cost)
            for (leaf, k), (plan, _, _) in sorted(found.items())]

@@ -14,12 +14,18 @@ import os
 import sys
 
 
+def _ms(value) -> str:
+  return "—" if value is None else f"{value:.1f}"
+
+
 def run_rows(out: str) -> list[str]:
   lines = ["| task | inner loop | meta-steps | query loss (±95% CI) | accuracy % (±95% CI) | "
            "ms / meta-step | held-out tasks |", "|---|---|---|---|---|---|---|"]
   for path in sorted(glob.glob(os.path.join(out, "*", "metrics.json"))):
     with open(path) as fh:
-      m = json.load(fh)
+      m = json.load(fh)   # non-finite numbers are null (ntk_dynamics.runs)
+    if "final" not in m:  # interrupted before its final evaluation
+      continue
     r, last = m["final"], m["evals"][-1]
     acc = ("—" if r.get("accuracy") is None or r["accuracy"] != r["accuracy"] else
            f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_ci95']:.1f}")
@@ -27,7 +33,7 @@ def run_rows(out: str) -> list[str]:
     if m["config"].get("outer_loss", "auto") != "auto":
       status += f", outer loss {m['config']['outer_loss']}"
     lines.append(f"| {r['task']} | {r['inner']}{status} | {r['meta_steps']} | "
-                 f"{r['loss']:.3f} ± {r['loss_ci95']:.3f} | {acc} | {r['ms_per_step']:.1f} | "
+                 f"{r['loss']:.3f} ± {r['loss_ci95']:.3f} | {acc} | {_ms(r['ms_per_step'])} | "
                  f"{last['tasks']} |")
   return lines
 

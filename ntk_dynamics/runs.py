@@ -2,6 +2,12 @@
 
 Every file is written to a temporary sibling and moved into place with `os.replace`, so a
 reader (or a resumed run) never sees a half-written file, whatever interrupts the writer.
+
+JSON is strict (RFC 8259): a non-finite float (NaN, +inf, -inf), which has no JSON literal, is
+written as `null` (as JavaScript's `JSON.stringify` and pandas do), and when the document is an
+object its top-level key "non_finite" maps the JSON Pointer of each such null to "nan", "inf"
+or "-inf", e.g. `"non_finite": {"/evals/0/accuracy": "nan"}`. `read_json` puts the floats
+back; other readers see null.
 """
 from __future__ import annotations
 
@@ -9,9 +15,11 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import pathlib
 import tempfile
+import zipfile
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import jax
@@ -42,6 +50,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
   return path
 
 
+class CorruptCheckpointError(ValueError):
+  """A checkpoint file exists but cannot be read (truncated, not an `.npz`, damaged)."""
+
+
 def _jsonable(obj):
   if isinstance(obj, (np.ndarray, jax.Array)):
     return np.asarray(obj).tolist()
@@ -52,9 +64,80 @@ def _jsonable(obj):
   raise TypeError(f"cannot write {type(obj).__name__} as JSON")
 
 
+NON_FINITE_KEY = "non_finite"
+_NON_FINITE_NAMES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _non_finite_name(x: float) -> str:
+  return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def _pointer_token(key: Any) -> str:
+  return str(key).replace("~", "~0").replace("/", "~1")
+
+
+def to_strict_json(obj: Any, _path: str = "", _found: Optional[dict] = None) -> Any:
+  """`obj` with arrays as lists, numpy scalars and paths as Python values, and every
+  non-finite float (NaN, ±inf) replaced by None; with a dict `_found`, records there the JSON
+  Pointer of each replaced float -> "nan", "inf" or "-inf". Raises TypeError for anything
+  else JSON cannot hold."""
+  if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
+    return obj
+  if isinstance(obj, float):
+    if math.isfinite(obj):
+      return float(obj)
+    if _found is not None:
+      _found[_path] = _non_finite_name(obj)
+    return None
+  if isinstance(obj, Mapping):
+    return {k: to_strict_json(v, f"{_path}/{_pointer_token(k)}", _found)
+            for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [to_strict_json(v, f"{_path}/{i}", _found) for i, v in enumerate(obj)]
+  return to_strict_json(_jsonable(obj), _path, _found)
+
+
+def strict_json_dumps(obj: Any, **kwargs: Any) -> str:
+  """`json.dumps` with `allow_nan=False` after `to_strict_json`: never NaN or Infinity. For an
+  object (dict) holding non-finite floats, adds the "non_finite" key (see the module
+  docstring) unless `obj` already has one."""
+  found: dict = {}
+  encoded = to_strict_json(obj, "", found)
+  if found and isinstance(encoded, dict) and NON_FINITE_KEY not in encoded:
+    encoded[NON_FINITE_KEY] = found
+  return json.dumps(encoded, allow_nan=False, **kwargs)
+
+
+def restore_non_finite(obj: Any) -> Any:
+  """Undoes `strict_json_dumps`' encoding in a parsed document: pops the top-level
+  "non_finite" map and puts its floats back at their JSON Pointers (in place)."""
+  if not isinstance(obj, dict) or not isinstance(obj.get(NON_FINITE_KEY), dict):
+    return obj
+  for pointer, name in obj.pop(NON_FINITE_KEY).items():
+    tokens = [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]]
+    if not tokens or name not in _NON_FINITE_NAMES:
+      continue
+    parent = obj
+    try:
+      for t in tokens[:-1]:
+        parent = parent[int(t)] if isinstance(parent, list) else parent[t]
+      last = int(tokens[-1]) if isinstance(parent, list) else tokens[-1]
+      if parent[last] is None:
+        parent[last] = _NON_FINITE_NAMES[name]
+    except (KeyError, IndexError, ValueError, TypeError):
+      continue  # a pointer that does not fit the document is ignored
+  return obj
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """Reads a JSON file written by `atomic_write_json`, non-finite floats restored."""
+  return restore_non_finite(json.loads(pathlib.Path(path).read_text()))
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
-  """Writes `obj` as indented JSON (arrays become lists; NaN is written as NaN)."""
-  text = json.dumps(obj, indent=2, sort_keys=True, default=_jsonable)
+  """Writes `obj` as indented strict JSON: arrays become lists, and non-finite floats (NaN,
+  ±inf), which JSON cannot hold, become null, listed under "non_finite" (module docstring)."""
+  text = strict_json_dumps(obj, indent=2, sort_keys=True)
   return atomic_write_bytes(path, (text + "\n").encode())
 
 
@@ -81,7 +164,7 @@ def save_checkpoint(path: str | os.PathLike, tree: PyTree, *, step: int,
                                         if _is_typed_key(x) else x)
             for i, x in enumerate(leaves)}
   meta = {"step": int(step), "num_leaves": len(leaves), "extra": dict(extra or {})}
-  arrays["__meta__"] = np.frombuffer(json.dumps(meta, default=_jsonable).encode(), np.uint8)
+  arrays["__meta__"] = np.frombuffer(strict_json_dumps(meta).encode(), np.uint8)
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   return atomic_write_bytes(path, buf.getvalue())
@@ -95,25 +178,35 @@ def load_checkpoint(path: str | os.PathLike, template: PyTree
                     ) -> Optional[tuple[int, PyTree, dict]]:
   """Returns `(step, tree, extra)` from `save_checkpoint`, or None if `path` does not exist.
 
-  `template` fixes the pytree structure and leaf dtypes; a mismatch raises ValueError.
+  `template` fixes the pytree structure and leaf dtypes; a mismatch raises ValueError. A file
+  that cannot be read (truncated, damaged, not written by `save_checkpoint`) raises
+  `CorruptCheckpointError`. Non-finite floats in `extra` round-trip.
   """
   path = pathlib.Path(path)
   if not path.exists():
     return None
-  with np.load(path) as data:
-    meta = json.loads(bytes(data["__meta__"]).decode())
-    t_leaves, treedef = jax.tree.flatten(template)
-    if meta["num_leaves"] != len(t_leaves):
-      raise ValueError(f"checkpoint {path} holds {meta['num_leaves']} leaves but the template "
-                       f"has {len(t_leaves)}: it was written by a different configuration.")
-    leaves = []
-    for i, t in enumerate(t_leaves):
-      arr = data[f"leaf_{i:05d}"]
-      if _is_typed_key(t):
-        leaves.append(jax.random.wrap_key_data(arr, impl=jax.random.key_impl(t)))
-        continue
-      if arr.shape != np.shape(t):
-        raise ValueError(f"checkpoint {path}: leaf {i} has shape {arr.shape}, the template "
-                         f"expects {np.shape(t)}.")
-      leaves.append(jax.numpy.asarray(arr, dtype=jax.numpy.result_type(t)))
-  return meta["step"], treedef.unflatten(leaves), meta["extra"]
+  try:
+    with np.load(path) as data:
+      arrays = {name: data[name] for name in data.files}
+    # Older checkpoints hold bare NaN, which json.loads also accepts.
+    meta = restore_non_finite(json.loads(bytes(arrays["__meta__"]).decode()))
+    num_leaves, step, extra = int(meta["num_leaves"]), int(meta["step"]), dict(meta["extra"])
+    stored = [arrays[f"leaf_{i:05d}"] for i in range(num_leaves)]
+  except (zipfile.BadZipFile, EOFError, OSError, KeyError, TypeError, ValueError) as e:
+    raise CorruptCheckpointError(
+        f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); delete it to "
+        "start over, or use another output folder.") from e
+  t_leaves, treedef = jax.tree.flatten(template)
+  if num_leaves != len(t_leaves):
+    raise ValueError(f"checkpoint {path} holds {num_leaves} leaves but the template "
+                     f"has {len(t_leaves)}: it was written by a different configuration.")
+  leaves = []
+  for i, (arr, t) in enumerate(zip(stored, t_leaves)):
+    if _is_typed_key(t):
+      leaves.append(jax.random.wrap_key_data(arr, impl=jax.random.key_impl(t)))
+      continue
+    if arr.shape != np.shape(t):
+      raise ValueError(f"checkpoint {path}: leaf {i} has shape {arr.shape}, the template "
+                       f"expects {np.shape(t)}.")
+    leaves.append(jax.numpy.asarray(arr, dtype=jax.numpy.result_type(t)))
+  return step, treedef.unflatten(leaves), extra

@@ -1,8 +1,17 @@
-"""`ntk-dynamics SUBCOMMAND ...`: one entry point for every recipe."""
+"""`ntk-dynamics SUBCOMMAND ...`: one entry point for every recipe.
+
+Exit status: 0 done; 1 the run finished but failed (e.g. a non-finite meta-loss); 2 a user
+error, reported as one line `ntk-dynamics SUBCOMMAND: error: MESSAGE` on stderr (bad
+arguments, impossible sizes, a missing dataset, an unusable checkpoint: ValueError, OSError and
+recipe refusals); 130 interrupted (Ctrl-C). Anything else is a bug and keeps its traceback, as
+does a user error when NTK_DYNAMICS_TRACEBACK=1.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -14,6 +23,99 @@ RECIPES = {
     "init": ("recipes.init", "NTK-based initialization tweaks judged by real training"),
     "meta": ("recipes.meta", "few-shot meta-learning with closed-form NTK inner loops"),
 }
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# Exceptions that are the user's (arguments, data, files), not the code's. ValueError covers
+# `runs.CorruptCheckpointError` and `tasks.DatasetNotPreparedError`.
+USER_ERRORS = (ValueError, OSError)
+
+
+class UsageError(SystemExit):
+  """A user error, already printed on stderr: exits with status 2; `str()` is the line."""
+
+  def __init__(self, line: str) -> None:
+    super().__init__(EXIT_USAGE)
+    self.line = line
+
+  def __str__(self) -> str:
+    return self.line
+
+
+def fail(prog: str, message: str) -> UsageError:
+  """Prints `PROG: error: MESSAGE` (one line) on stderr; returns the UsageError to raise."""
+  message = " ".join(str(message).split("\n")).strip()
+  for prefix in ("error:", f"{prog.split()[-1]}:", "error:"):
+    if message.startswith(prefix):
+      message = message[len(prefix):].strip()
+  line = f"{prog}: error: {message}"
+  print(line, file=sys.stderr, flush=True)
+  return UsageError(line)
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse with one-line errors (`PROG: error: MESSAGE (see PROG --help)`), exit status 2."""
+
+  def error(self, message: str):  # noqa: D102 - argparse's hook
+    raise fail(self.prog, f"{message} (see {self.prog} --help)")
+
+
+# ----------------------------------------------------------------------------- argument types
+# For `type=`: argparse reports a bad value as `argument --FLAG: MESSAGE` at parse time.
+
+
+def _int(text: str) -> int:
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+  v = _int(text)
+  if v < 1:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+  return v
+
+
+def non_negative_int(text: str) -> int:
+  v = _int(text)
+  if v < 0:
+    raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+  return v
+
+
+def positive_float(text: str) -> float:
+  try:
+    v = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not (math.isfinite(v) and v > 0):
+    raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+  return v
+
+
+def int_list(minimum: Optional[int] = None):
+  """A type for comma-separated, non-empty lists of distinct ints (each >= `minimum`)."""
+
+  def parse(text: str) -> list[int]:
+    try:
+      values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"must be comma-separated integers, got {text!r}") from None
+    if not values:
+      raise argparse.ArgumentTypeError(f"must list at least one integer, got {text!r}")
+    if minimum is not None and min(values) < minimum:
+      raise argparse.ArgumentTypeError(f"values must be >= {minimum}, got {text!r}")
+    if len(set(values)) != len(values):
+      raise argparse.ArgumentTypeError(f"repeats a value: {text!r}")
+    return values
+
+  parse.__name__ = "int_list"
+  return parse
+
+
+# ----------------------------------------------------------------------------- entry point
 
 
 def _available() -> dict:
@@ -24,20 +126,42 @@ def _available() -> dict:
   return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="ntk-dynamics", description=__doc__)
-  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def build_parser() -> argparse.ArgumentParser:
+  parser = Parser(prog="ntk-dynamics", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                              parser_class=Parser)
   for name, (module, help_text) in _available().items():
     sp = sub.add_parser(name, help=help_text, description=help_text)
     sp.set_defaults(_module=module)
     importlib.import_module(module).add_arguments(sp)
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs one subcommand; returns its exit status, or raises SystemExit(2) (`UsageError`)
+  after printing a one-line error."""
+  args = build_parser().parse_args(argv)
+  prog = f"ntk-dynamics {args.command}"
+  traceback = os.environ.get("NTK_DYNAMICS_TRACEBACK", "") not in ("", "0")
   try:
     return importlib.import_module(args._module).run(args) or 0
   except KeyboardInterrupt:
-    print("\ninterrupted: files written so far are complete (writes are atomic).",
+    # Recipes that keep partial results (curves, meta) catch it themselves and return 130.
+    print(f"\n{prog}: interrupted; files written so far are complete (writes are atomic).",
           file=sys.stderr)
-    return 130
+    return EXIT_INTERRUPTED
+  except UsageError:
+    raise
+  except SystemExit as e:
+    # A recipe's refusal, `raise SystemExit("message")`.
+    if not isinstance(e.code, str):
+      raise
+    raise fail(prog, e.code) from None
+  except USER_ERRORS as e:
+    if traceback:
+      raise
+    raise fail(prog, str(e) or type(e).__name__) from None
 
 
 if __name__ == "__main__":

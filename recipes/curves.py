@@ -6,7 +6,9 @@ train/test loss and accuracy, relative loss errors) and plot.png, and prints a s
 `--widths 128,512,2048` (and/or `--seeds 0,1,2`) repeats the comparison for every width and
 seed into OUT/width{W}_seed{S}/ and summarises it in OUT/sweep.csv and OUT/sweep.png.
 Every file is written atomically: after Ctrl-C, files on disk are complete (curves.csv holds
-the actual curve up to the last logged step reached; metrics.json says "status").
+the actual curve up to the last logged step reached), metrics.json of the run cut short says
+"status": "interrupted" with the step reached and the curves logged so far, and the command
+exits with status 130.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import math
 import pathlib
 import sys
 import time
+
+from recipes.cli import int_list, non_negative_int, positive_float, positive_int
 
 MODELS = ("mlp", "cnn", "resnet")
 DEFAULT_WIDTH = {"mlp": 2048, "cnn": 32, "resnet": 16}
@@ -26,15 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--dataset", default="digits", help="'digits' (bundled) or tfds:NAME "
                  "(mnist, fashion_mnist, cifar10, cifar100)")
   g.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir")
-  g.add_argument("--n-train", type=int, default=256,
+  g.add_argument("--n-train", type=positive_int, default=256,
                  help="training examples (the NTK is (n·K)² entries)")
-  g.add_argument("--n-test", type=int, default=256, help="test examples")
-  g.add_argument("--data-seed", type=int, default=0, help="seed of the random subsets")
+  g.add_argument("--n-test", type=positive_int, default=256, help="test examples")
+  g.add_argument("--data-seed", type=non_negative_int, default=0,
+                 help="seed of the random subsets")
   g = p.add_argument_group("model")
   g.add_argument("--model", default="mlp", choices=MODELS)
-  g.add_argument("--width", type=int, default=None,
+  g.add_argument("--width", type=positive_int, default=None,
                  help="hidden width / channels (default: mlp 2048, cnn 32, resnet 16)")
-  g.add_argument("--depth", type=int, default=None,
+  g.add_argument("--depth", type=non_negative_int, default=None,
                  help="hidden layers / conv layers / residual blocks (default: mlp 1, cnn 2, "
                       "resnet 1)")
   g.add_argument("--parameterization", default="ntk", choices=("standard", "ntk"),
@@ -47,12 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--momentum", type=float, default=None,
                  help="heavy-ball momentum for --optimizer momentum (default 0.9)")
   lr = g.add_mutually_exclusive_group()
-  lr.add_argument("--lr", type=float, default=None, help="absolute learning rate η")
-  lr.add_argument("--lr-fraction", type=float, default=None,
+  lr.add_argument("--lr", type=positive_float, default=None, help="absolute learning rate η")
+  lr.add_argument("--lr-fraction", type=positive_float, default=None,
                   help="η as a fraction of the largest stable step η_max = 2(1+m)N/λ_max "
                        "(default 0.5)")
-  g.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-  g.add_argument("--batch-size", type=int, default=None,
+  g.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps")
+  g.add_argument("--batch-size", type=positive_int, default=None,
                  help="minibatch SGD (default: full batch); its noise is not in the prediction")
   g.add_argument("--log-points", type=int, default=40, help="log-spaced logged steps")
   g.add_argument("--linearized", action="store_true",
@@ -61,27 +66,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--traced-kernel", action="store_true",
                  help="logit-traced (n, n) kernel instead of the full (n, n, K, K) one: "
                       "cheaper, exact only at infinite width")
-  g.add_argument("--drift-examples", type=int, default=128,
+  g.add_argument("--drift-examples", type=non_negative_int, default=128,
                  help="training points for the NTK drift ‖Θ_T−Θ₀‖/‖Θ₀‖ (0: all)")
-  g.add_argument("--kernel-batch-size", type=int, default=None,
+  g.add_argument("--kernel-batch-size", type=positive_int, default=None,
                  help="compute kernels in blocks of this many examples (bounds memory)")
   g = p.add_argument_group("run")
   g.add_argument("--seed", type=int, default=0, help="initialization seed")
-  g.add_argument("--widths", default=None,
+  g.add_argument("--widths", type=int_list(minimum=1), default=None,
                  help="comma-separated widths: a sweep (e.g. 128,512,2048)")
-  g.add_argument("--seeds", default=None, help="comma-separated seeds: a sweep (e.g. 0,1,2)")
+  g.add_argument("--seeds", type=int_list(), default=None,
+                 help="comma-separated seeds: a sweep (e.g. 0,1,2)")
   g.add_argument("--out", default="runs/curves", help="output folder")
   g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _int_list(text: str, name: str) -> list[int]:
+def _int_list(value, name: str, minimum=None) -> list[int]:
+  """`--widths` / `--seeds` as parsed (a list), or parsed here from text (a Namespace built
+  without the command-line parser)."""
+  if not isinstance(value, str):
+    return list(value)
   try:
-    values = [int(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise SystemExit(f"curves: {name} must be comma-separated integers, got {text!r}.")
-  if not values:
-    raise SystemExit(f"curves: {name} is empty.")
-  return values
+    return int_list(minimum)(value)
+  except argparse.ArgumentTypeError as e:
+    raise SystemExit(f"curves: {name} {e}.") from None
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -217,62 +224,123 @@ def _print_table(comparison) -> None:
         f"{m['seconds']['train']:.1f}s train, {m['seconds']['drift']:.1f}s drift)")
 
 
+def _partial_metrics(state: dict) -> dict:
+  """What an interrupted run had measured: the curves logged so far and their largest gaps."""
+  import numpy as np
+
+  from ntk_dynamics.dynamics import curves
+  predicted, actual = state["predicted"], state["actual"]
+  reached = 0 if actual is None else len(actual)
+  m = {"step": int(actual.steps[-1]) if reached else 0, "logged_steps": reached,
+       "prediction_done": predicted is not None}
+  if predicted is not None and reached:
+    rows = curves.curve_rows(predicted, actual)[:reached]
+    m["curves_so_far"] = {c: [r[i] for r in rows] for i, c in enumerate(curves.CURVE_COLUMNS)}
+    for split in ("train", "test"):
+      lp = np.asarray(getattr(predicted, f"{split}_loss")[:reached], np.float64)
+      la = np.asarray(getattr(actual, f"{split}_loss"), np.float64)
+      with np.errstate(divide="ignore", invalid="ignore"):
+        m[f"max_{split}_loss_deviation_so_far"] = float(np.max(np.abs(lp - la)) / abs(la[0]))
+  return m
+
+
 def _one_run(args, data, width: int, seed: int, out: pathlib.Path, progress: bool,
              title_extra: str = ""):
+  """One comparison into `out`. On Ctrl-C, writes `out/metrics.json` with status
+  "interrupted" (the step reached, the curves logged so far, and the final metrics if they
+  were already computed) and re-raises the KeyboardInterrupt with `.run_dir` and `.step`."""
   import jax
 
   from ntk_dynamics import runs
   from ntk_dynamics.dynamics import curves
 
   depth = args.depth if args.depth is not None else DEFAULT_DEPTH[args.model]
-  model = build_model(args.model, width, depth, data.num_classes, args.parameterization)
-  params = jax.jit(model.init)(jax.random.PRNGKey(seed), data.x_train[:1])
-  momentum = 0.0 if args.optimizer == "sgd" else (0.9 if args.momentum is None
-                                                   else args.momentum)
-  state = {"predicted": None}
+  about = dict(width=width, depth=depth, seed=seed, model=args.model,
+               parameterization=args.parameterization, dataset=data.name, steps=args.steps)
+  # stage: kernels (and prediction) -> training -> drift (training done) -> files.
+  state = {"predicted": None, "actual": None, "stage": "kernels", "metrics": None}
+  t0 = time.perf_counter()
 
   def on_log(predicted, actual_so_far):
     if state["predicted"] is None:
       state["predicted"] = predicted
-      runs.atomic_write_json(out / "metrics.json", {"status": "training"})
+      state["stage"] = "training"
+      runs.atomic_write_json(out / "metrics.json", {"status": "training", **about})
       print(f"  predicted in {time.perf_counter() - t0:.1f}s; training {args.steps} steps",
             flush=True)
+    state["actual"] = actual_so_far
     runs.atomic_write_csv(out / "curves.csv", curves.CURVE_COLUMNS,
                           curves.curve_rows(predicted, actual_so_far))
+    if len(actual_so_far) == len(predicted):
+      state["stage"] = "drift"
 
-  n_out = len(data.x_train) * (1 if args.traced_kernel else data.num_classes)
-  print(f"  NTK at initialization: {args.model} width {width} depth {depth}, "
-        f"{'traced' if args.traced_kernel else 'full'} kernel ({n_out}×{n_out} train-train)",
-        flush=True)
-  t0 = time.perf_counter()
-  comparison = curves.compare_curves(
-      model, data, params=params, steps=args.steps, loss=args.loss,
-      learning_rate=args.lr, lr_fraction=args.lr_fraction, momentum=momentum,
-      log_points=args.log_points, trace_axes=(-1,) if args.traced_kernel else (),
-      batch_size=args.batch_size, linearized=args.linearized,
-      drift_examples=args.drift_examples or None, kernel_batch_size=args.kernel_batch_size,
-      seed=seed, progress=progress, callback=on_log)
-  seconds = time.perf_counter() - t0
-  metrics = dict(comparison.metrics, status="complete", width=width, depth=depth, seed=seed,
-                 model=args.model, parameterization=args.parameterization,
-                 dataset=data.name, total_seconds=seconds)
-  runs.atomic_write_csv(out / "curves.csv", curves.CURVE_COLUMNS, comparison.rows())
-  runs.atomic_write_json(out / "metrics.json", metrics)
-  title = (f"{args.model} width {width} depth {depth} ({args.parameterization}) on "
-           f"{data.name} n={len(data.x_train)}, {args.loss}, {args.optimizer} "
-           f"η={metrics['lr']:.3g} ({metrics['lr_ratio']:.2f}·η_max), {args.steps} steps"
-           f"{title_extra}; max |ΔL|/L₀ train {100 * metrics['max_train_loss_deviation']:.2f}%"
-           f", test {100 * metrics['max_test_loss_deviation']:.2f}%")
-  _save_plot(out / "plot.png", comparison.predicted, comparison.actual, title)
+  try:
+    model = build_model(args.model, width, depth, data.num_classes, args.parameterization)
+    params = jax.jit(model.init)(jax.random.PRNGKey(seed), data.x_train[:1])
+    momentum = 0.0 if args.optimizer == "sgd" else (0.9 if args.momentum is None
+                                                     else args.momentum)
+    n_out = len(data.x_train) * (1 if args.traced_kernel else data.num_classes)
+    print(f"  NTK at initialization: {args.model} width {width} depth {depth}, "
+          f"{'traced' if args.traced_kernel else 'full'} kernel ({n_out}×{n_out} train-train)",
+          flush=True)
+    comparison = curves.compare_curves(
+        model, data, params=params, steps=args.steps, loss=args.loss,
+        learning_rate=args.lr, lr_fraction=args.lr_fraction, momentum=momentum,
+        log_points=args.log_points, trace_axes=(-1,) if args.traced_kernel else (),
+        batch_size=args.batch_size, linearized=args.linearized,
+        drift_examples=args.drift_examples or None, kernel_batch_size=args.kernel_batch_size,
+        seed=seed, progress=progress, callback=on_log)
+    seconds = time.perf_counter() - t0
+    state["stage"] = "files"
+    metrics = dict(comparison.metrics, status="complete", **about, total_seconds=seconds)
+    state["metrics"] = metrics
+    runs.atomic_write_csv(out / "curves.csv", curves.CURVE_COLUMNS, comparison.rows())
+    runs.atomic_write_json(out / "metrics.json", metrics)
+    title = (f"{args.model} width {width} depth {depth} ({args.parameterization}) on "
+             f"{data.name} n={len(data.x_train)}, {args.loss}, {args.optimizer} "
+             f"η={metrics['lr']:.3g} ({metrics['lr_ratio']:.2f}·η_max), {args.steps} steps"
+             f"{title_extra}; max |ΔL|/L₀ train "
+             f"{100 * metrics['max_train_loss_deviation']:.2f}%, test "
+             f"{100 * metrics['max_test_loss_deviation']:.2f}%")
+    _save_plot(out / "plot.png", comparison.predicted, comparison.actual, title)
+  except KeyboardInterrupt as e:
+    if state["metrics"] is not None:  # measured in full; only a file was cut short
+      partial = dict(state["metrics"], step=args.steps)
+    else:
+      partial = _partial_metrics(state)
+    partial.update(about, status="interrupted", stage=state["stage"],
+                   total_seconds=time.perf_counter() - t0)
+    runs.atomic_write_json(out / "metrics.json", partial)
+    e.run_dir, e.step, e.stage = out, partial["step"], state["stage"]
+    raise
   return comparison, metrics
+
+
+def _interrupted(e: KeyboardInterrupt, out: pathlib.Path, sweep: bool, done: int,
+                 total: int, steps: int) -> int:
+  """After Ctrl-C: says what was kept and how to redo the rest; returns 130."""
+  run_dir = getattr(e, "run_dir", None)
+  lines = ["\nntk-dynamics curves: interrupted"]
+  if run_dir is None:
+    lines[0] += "."
+  else:
+    lines[0] += f" at step {e.step} of {steps} ({e.stage})."
+    lines.append(f"wrote {run_dir}/metrics.json (status \"interrupted\", with the curves "
+                 f"logged so far; curves.csv has them too).")
+  if sweep:
+    lines.append(f"{done} of {total} runs completed ({out}/sweep.csv).")
+  lines.append("curves cannot resume: run the command again"
+               + (", with --widths / --seeds of the runs left," if sweep and done else "")
+               + " to finish.")
+  print("\n".join(lines), file=sys.stderr, flush=True)
+  return 130
 
 
 def run(args: argparse.Namespace) -> int:
   _validate(args)
-  widths = _int_list(args.widths, "--widths") if args.widths else None
-  seeds = _int_list(args.seeds, "--seeds") if args.seeds else [args.seed]
-  if widths is not None and min(widths) < 1:
-    raise SystemExit("curves: --widths must be positive.")
+  # An empty list is refused by the parser (`--widths ''` is not "no sweep").
+  widths = None if args.widths is None else _int_list(args.widths, "--widths", minimum=1)
+  seeds = [args.seed] if args.seeds is None else _int_list(args.seeds, "--seeds")
   sweep = widths is not None or len(seeds) > 1
   widths = widths or [args.width or DEFAULT_WIDTH[args.model]]
 
@@ -296,26 +364,30 @@ def run(args: argparse.Namespace) -> int:
                  "argv": sys.argv[1:]})
   runs.atomic_write_json(out / "config.json", config)
 
+  rows = []
+  total = len(widths) * len(seeds)
+  try:
+    if not sweep:
+      comparison, _ = _one_run(args, data, widths[0], seeds[0], out, progress)
+    else:
+      for width in widths:
+        for seed in seeds:
+          print(f"[{len(rows) + 1}/{total}] width {width}, seed {seed}", flush=True)
+          sub = out / f"width{width}_seed{seed}"
+          comparison, m = _one_run(args, data, width, seed, sub, progress)
+          rows.append({k: m.get(k) for k in SWEEP_COLUMNS} | {"seconds": m["total_seconds"]})
+          runs.atomic_write_csv(out / "sweep.csv", SWEEP_COLUMNS,
+                                [[r[k] for k in SWEEP_COLUMNS] for r in rows])
+          _save_sweep_plot(out / "sweep.png", rows,
+                           f"{args.model} ({args.parameterization}) on {data.name} "
+                           f"n={len(data.x_train)}, {args.loss}, {args.optimizer}, "
+                           f"{args.steps} steps, η = {rows[-1]['lr_ratio']:.2f}·η_max")
+  except KeyboardInterrupt as e:
+    return _interrupted(e, out, sweep, len(rows), total, args.steps)
   if not sweep:
-    comparison, _ = _one_run(args, data, widths[0], seeds[0], out, progress)
     _print_table(comparison)
     print(f"wrote {out}/config.json, metrics.json, curves.csv, plot.png")
     return 0
-
-  rows = []
-  total = len(widths) * len(seeds)
-  for i, width in enumerate(widths):
-    for seed in seeds:
-      print(f"[{len(rows) + 1}/{total}] width {width}, seed {seed}", flush=True)
-      sub = out / f"width{width}_seed{seed}"
-      comparison, m = _one_run(args, data, width, seed, sub, progress)
-      rows.append({k: m.get(k) for k in SWEEP_COLUMNS} | {"seconds": m["total_seconds"]})
-      runs.atomic_write_csv(out / "sweep.csv", SWEEP_COLUMNS,
-                            [[r[k] for k in SWEEP_COLUMNS] for r in rows])
-      _save_sweep_plot(out / "sweep.png", rows,
-                       f"{args.model} ({args.parameterization}) on {data.name} "
-                       f"n={len(data.x_train)}, {args.loss}, {args.optimizer}, "
-                       f"{args.steps} steps, η = {rows[-1]['lr_ratio']:.2f}·η_max")
   print(f"{'width':>6} {'seeds':>5} | {'max ΔL_train/L0':>15} {'max ΔL_test/L0':>15} | "
         f"{'RMSE train':>10} {'RMSE test':>10} | {'NTK drift':>9} | {'trusted':>7}")
   for width in widths:

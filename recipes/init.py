@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 ROWS = ("default", "spectral_lr", "catapult", "centered", "balanced", "balanced_lr",
@@ -105,10 +106,14 @@ def _parse(args: argparse.Namespace) -> tuple[list[int], list[str], tuple[float,
       _fail(f"--{name.replace('_', '-')} must be positive.")
   if args.n_search > args.n_train:
     _fail("--n-search must be at most --n-train.")
-  for name in ("lr", "lr_factor", "catapult_factor"):
+  for name in ("lr", "lr_factor", "catapult_factor", "search_lr", "w_std"):
     v = getattr(args, name)
-    if not (math.isfinite(v) and v > 0):
-      _fail(f"--{name.replace('_', '-')} must be a positive number.")
+    if v is not None and not (math.isfinite(v) and v > 0):
+      _fail(f"--{name.replace('_', '-')} must be a positive number, got {v!r}.")
+  for name in ("b_std", "temperature"):
+    v = getattr(args, name)
+    if not (math.isfinite(v) and v >= 0):
+      _fail(f"--{name.replace('_', '-')} must be a number >= 0, got {v!r}.")
   return seeds, rows, (lo, hi)
 
 
@@ -151,7 +156,8 @@ def _train(f, params, x, y, x_test, y_test, learning_rate: float, multipliers, s
 
 
 def _predict(kernel, f0, y, lr: float, steps: int):
-  """Closed-form train loss of the linearized network after 0..K steps (dynamics module)."""
+  """Closed-form train loss of the linearized network after 0..K steps (dynamics module), from
+  the full (N, N, K, K) kernel."""
   import warnings
 
   import jax.numpy as jnp
@@ -160,7 +166,7 @@ def _predict(kernel, f0, y, lr: float, steps: int):
   from ntk_dynamics import dynamics
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)  # c ≥ 1 rows diverge by design
-    predict = dynamics.gradient_descent_mse_steps(kernel, y, learning_rate=lr)
+    predict = dynamics.gradient_descent_mse_steps(kernel, y, learning_rate=lr, trace_axes=())
     ft = predict(jnp.arange(steps + 1), fx_train_0=f0)
   loss = np.asarray(0.5 * jnp.mean((ft - y) ** 2, axis=(1, 2)), np.float64)
   return np.where(np.isfinite(loss), loss, np.inf)  # c ≥ 1: the linearized model diverges
@@ -308,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
   import ntk_dynamics as nd
   import tasks
   from ntk_dynamics import init as ntk_init
-  from ntk_dynamics import dynamics, models, runs
+  from ntk_dynamics import models, runs
   from ntk_dynamics.init import _common
 
   t_start = time.perf_counter()
@@ -339,79 +345,96 @@ def run(args: argparse.Namespace) -> int:
   per_seed = {r: [] for r in rows}
   warn_log: list[str] = []
   bar = tqdm(total=len(seeds) * len(rows), disable=args.no_progress, unit="row")
-  for seed in seeds:
-    params0 = model.init(jax.random.PRNGKey(seed), x[:1])
-    cache: dict = {}
+  try:
+    for seed in seeds:
+      params0 = model.init(jax.random.PRNGKey(seed), x[:1])
+      cache: dict = {}
 
-    def default_kernel():
-      if "k" not in cache:
-        cache["k"] = _common.ntk_kernel(f, params0, x, **kw)
-        cache["shares"] = ntk_init.layer_shares(f, params0, x_search, by="group", **kw)
-      return cache["k"], cache["shares"]
+      def default_kernel():
+        if "k" not in cache:
+          cache["k"] = _common.ntk_kernel(f, params0, x, **kw)
+          cache["shares"] = ntk_init.layer_shares(f, params0, x_search, by="group", **kw)
+        return cache["k"], cache["shares"]
 
-    for r in rows:
-      bar.set_description(f"seed {seed} {r}")
-      t0 = time.perf_counter()
-      report: dict = {}
-      multipliers = None
-      with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RuntimeWarning)
-        if r in ("default", "spectral_lr", "catapult"):
-          f_r, p_r = f, params0
-          k_r, shares = default_kernel()
-          f_eff, p_eff = f_r, p_r
-        elif r == "centered":
-          res = ntk_init.center_outputs(f, params0, x_search, mode="antisymmetric")
-          f_r, p_r, report = res.f, res.params, res.report
-          # Θ is unchanged by construction (tests check it to round-off): reuse it
-          k_r, shares = default_kernel()
-          f_eff, p_eff = f_r, p_r
-        elif r in ("balanced", "balanced_lr"):
-          res = ntk_init.balance_layers(
-              f, params0, x_search,
-              method="weights" if r == "balanced" else "learning_rate", **kw)
-          f_r, p_r, report, multipliers = res.f, res.params, res.report, res.lr_multipliers
-          f_eff, p_eff = ((f_r, p_r) if multipliers is None else
-                          ntk_init.effective_model(f_r, p_r, multipliers))
-          k_r = _common.ntk_kernel(f_eff, p_eff, x, **kw)
-          shares = report["relative_shares_after"]
-        else:  # scale_search, gradinit
-          res = ntk_init.search_init_scales(
-              f, params0, x_search, steps=args.search_steps, learning_rate=args.search_lr,
-              bounds=bounds, temperature=args.temperature,
-              objective="log_cond" if r == "scale_search" else "gradinit",
-              y=y_search if r == "gradinit" else None, **kw)
-          f_r, p_r, report = res.f, res.params, res.report
-          f_eff, p_eff = f_r, p_r
-          k_r = _common.ntk_kernel(f_eff, p_eff, x, **kw)
-          shares = ntk_init.layer_shares(f_r, p_r, x_search, by="group", **kw)
-        spec = ntk_init.kernel_spectrum(k_r)
-        if r == "default":
-          lr, factor = args.lr, None
-        else:
-          factor = args.catapult_factor if r == "catapult" else args.lr_factor
-          lr = ntk_init.spectral_learning_rate(f_eff, p_eff, x, factor=factor,
-                                               kernel=k_r).learning_rate
-        eta_max = float(dynamics.max_learning_rate(k_r, y.size))
-        f0 = f_eff(p_eff, x)
-        predicted = _predict(k_r, f0, y, lr, args.steps)
-        actual, acc, test_loss = _train(f_r, p_r, x, y, x_test, y_test, lr, multipliers,
-                                        args.steps)
-      for w in caught:
-        warn_log.append(f"seed {seed} {r}: {w.message}")
-      per_seed[r].append({
-          "seed": seed, "condition_number": spec.condition_number,
-          "lambda_max": spec.lambda_max, "lambda_min": spec.lambda_min, "trace": spec.trace,
-          "effective_rank": spec.effective_rank, "top_eigenvalues": list(spec.top_eigenvalues),
-          "eigenvalues": spec.eigenvalues.tolist(), "learning_rate": lr, "eta_max": eta_max,
-          "lr_factor": factor, "regime": (ntk_init.learning_rate_regime(factor).split(":")[0]
-                                          if factor else "fixed"),
-          "shares": {k: float(v) for k, v in shares.items()},
-          "max_abs_f0": float(jnp.max(jnp.abs(f0))),
-          "predicted_loss": predicted.tolist(), "actual_loss": actual.tolist(),
-          "test_accuracy": acc, "test_loss": test_loss,
-          "tweak_report": _common.jsonable(report), "seconds": time.perf_counter() - t0})
-      bar.update(1)
+      for r in rows:
+        bar.set_description(f"seed {seed} {r}")
+        t0 = time.perf_counter()
+        report: dict = {}
+        multipliers = None
+        with warnings.catch_warnings(record=True) as caught:
+          warnings.simplefilter("always", RuntimeWarning)
+          if r in ("default", "spectral_lr", "catapult"):
+            f_r, p_r = f, params0
+            k_r, shares = default_kernel()
+            f_eff, p_eff = f_r, p_r
+          elif r == "centered":
+            res = ntk_init.center_outputs(f, params0, x_search, mode="antisymmetric")
+            f_r, p_r, report = res.f, res.params, res.report
+            # Θ is unchanged by construction (tests check it to round-off): reuse it
+            k_r, shares = default_kernel()
+            f_eff, p_eff = f_r, p_r
+          elif r in ("balanced", "balanced_lr"):
+            res = ntk_init.balance_layers(
+                f, params0, x_search,
+                method="weights" if r == "balanced" else "learning_rate", **kw)
+            f_r, p_r, report, multipliers = res.f, res.params, res.report, res.lr_multipliers
+            f_eff, p_eff = ((f_r, p_r) if multipliers is None else
+                            ntk_init.effective_model(f_r, p_r, multipliers))
+            k_r = _common.ntk_kernel(f_eff, p_eff, x, **kw)
+            shares = report["relative_shares_after"]
+          else:  # scale_search, gradinit
+            res = ntk_init.search_init_scales(
+                f, params0, x_search, steps=args.search_steps, learning_rate=args.search_lr,
+                bounds=bounds, temperature=args.temperature,
+                objective="log_cond" if r == "scale_search" else "gradinit",
+                y=y_search if r == "gradinit" else None, **kw)
+            f_r, p_r, report = res.f, res.params, res.report
+            f_eff, p_eff = f_r, p_r
+            k_r = _common.ntk_kernel(f_eff, p_eff, x, **kw)
+            shares = ntk_init.layer_shares(f_r, p_r, x_search, by="group", **kw)
+          spec = ntk_init.kernel_spectrum(k_r)
+          # The step limit and the predicted curve use the full (N·K, N·K) kernel: the traced
+          # k_r's λ_max is only a lower bound on it, and half the traced η_max can already make
+          # the linearized network diverge.
+          k_full = _common.ntk_kernel(f_eff, p_eff, x, trace_axes=(), **kw)
+          eta_max = ntk_init.spectral_learning_rate(f_eff, p_eff, x, factor=1.0, kernel=k_full,
+                                                    **kw).report["eta_max"]
+          if r == "default":
+            lr, factor = args.lr, None
+          else:
+            factor = args.catapult_factor if r == "catapult" else args.lr_factor
+            lr = factor * eta_max
+          f0 = f_eff(p_eff, x)
+          predicted = _predict(k_full, f0, y, lr, args.steps)
+          actual, acc, test_loss = _train(f_r, p_r, x, y, x_test, y_test, lr, multipliers,
+                                          args.steps)
+        for w in caught:
+          warn_log.append(f"seed {seed} {r}: {w.message}")
+        per_seed[r].append({
+            "seed": seed, "condition_number": spec.condition_number,
+            "lambda_max": spec.lambda_max, "lambda_min": spec.lambda_min, "trace": spec.trace,
+            "effective_rank": spec.effective_rank, "top_eigenvalues": list(spec.top_eigenvalues),
+            "eigenvalues": spec.eigenvalues.tolist(), "learning_rate": lr, "eta_max": eta_max,
+            "lr_factor": factor, "regime": (ntk_init.learning_rate_regime(factor).split(":")[0]
+                                            if factor else "fixed"),
+            "shares": {k: float(v) for k, v in shares.items()},
+            "max_abs_f0": float(jnp.max(jnp.abs(f0))),
+            "predicted_loss": predicted.tolist(), "actual_loss": actual.tolist(),
+            "test_accuracy": acc, "test_loss": test_loss,
+            "tweak_report": _common.jsonable(report), "seconds": time.perf_counter() - t0})
+        bar.update(1)
+  except KeyboardInterrupt:
+    bar.close()
+    config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    runs.atomic_write_json(out / "metrics.json", {
+        "status": "interrupted", "config": config | {"w_std_resolved": w_std},
+        "title": title, "per_seed": per_seed, "warnings": warn_log,
+        "seconds": time.perf_counter() - t_start})
+    done = sum(len(v) for v in per_seed.values())
+    print(f"\ninit: interrupted after {done} of {len(seeds) * len(rows)} rows; they are in "
+          f"{out}/metrics.json (status 'interrupted'). Rerun the command to complete.",
+          file=sys.stderr)
+    return 130
   bar.close()
 
   summary = _summary(per_seed, rows, args.steps)
@@ -421,7 +444,8 @@ def run(args: argparse.Namespace) -> int:
     print("warning:", w)
   config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
   runs.atomic_write_json(out / "metrics.json", {
-      "config": config | {"w_std_resolved": w_std}, "title": title, "summary": summary,
+      "status": "completed", "config": config | {"w_std_resolved": w_std}, "title": title,
+      "summary": summary,
       "per_seed": per_seed, "warnings": warn_log,
       "seconds": time.perf_counter() - t_start})
   runs.atomic_write_bytes(out / "table.md", (f"{title}\n\n" + table).encode())

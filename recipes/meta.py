@@ -7,6 +7,8 @@ figures of the meta-parameters that did best there, next to those of the last on
 Writes to `--out`: metrics.json, learning_curve.png, checkpoint.npz (resumable with
 `--resume`) and results.md (the final table). `--profile` instead measures the wall time and
 compiled memory of one meta-step of every inner loop against the number of inner steps.
+Ctrl-C writes metrics.json with "status": "interrupted", the step reached and every evaluation
+completed, keeps the last checkpoint for `--resume`, and exits with status 130.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import argparse
 import math
 import sys
 import time
+
+from recipes.cli import non_negative_int, positive_float, positive_int
 
 INNER = ("maml", "anil", "ntk_flow", "ntk_steps", "ntk_ridge")
 # Tasks with a split of their classes that holds validation classes (--select validation).
@@ -25,17 +29,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="sinusoid, digits, tfds:omniglot, tfds:mnist, tfds:fashion_mnist, "
                       "tfds:cifar10 or tfds:cifar100")
   p.add_argument("--inner", default="maml", choices=INNER)
-  p.add_argument("--k-shot", type=int, default=5, help="support examples per class / task")
-  p.add_argument("--n-way", type=int, default=5, help="classes per task (classification)")
-  p.add_argument("--k-query", type=int, default=None,
+  p.add_argument("--k-shot", type=positive_int, default=5, help="support examples per class / task")
+  p.add_argument("--n-way", type=positive_int, default=5, help="classes per task (classification)")
+  p.add_argument("--k-query", type=positive_int, default=None,
                  help="query examples per class / task during meta-training (default: k-shot "
                       "for sinusoid, as in MAML; 15 for classification)")
-  p.add_argument("--eval-k-query", type=int, default=None,
+  p.add_argument("--eval-k-query", type=positive_int, default=None,
                  help="query examples per class / task for evaluation (default: 50 for "
                       "sinusoid, --k-query for classification)")
-  p.add_argument("--inner-steps", type=int, default=1,
+  p.add_argument("--inner-steps", type=non_negative_int, default=1,
                  help="k: inner steps (ntk_flow: flow time k * inner-lr; unused by ntk_ridge)")
-  p.add_argument("--inner-lr", type=float, default=None,
+  p.add_argument("--inner-lr", type=positive_float, default=None,
                  help="α on the inner loss mean((f-y)^2) or cross-entropy (default 0.01 for "
                       "sinusoid as in MAML, 0.4 for classification as in MAML's Omniglot)")
   p.add_argument("--first-order", action="store_true", help="first-order MAML / ANIL")
@@ -50,14 +54,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--full-kernel", action="store_true",
                  help="closed forms on classification: full per-class kernel (trace_axes=()) "
                       "instead of the logit-traced one")
-  p.add_argument("--meta-steps", type=int, default=10000)
-  p.add_argument("--meta-batch", type=int, default=None,
+  p.add_argument("--meta-steps", type=non_negative_int, default=10000)
+  p.add_argument("--meta-batch", type=positive_int, default=None,
                  help="tasks per meta-step (default 25 for sinusoid, 32 for classification)")
-  p.add_argument("--meta-lr", type=float, default=1e-3, help="Adam step size")
-  p.add_argument("--eval-every", type=int, default=1000)
-  p.add_argument("--eval-tasks", type=int, default=600)
-  p.add_argument("--eval-batch", type=int, default=100, help="tasks per evaluation call")
-  p.add_argument("--checkpoint-every", type=int, default=None, help="default: --eval-every")
+  p.add_argument("--meta-lr", type=positive_float, default=1e-3, help="Adam step size")
+  p.add_argument("--eval-every", type=positive_int, default=1000)
+  p.add_argument("--eval-tasks", type=positive_int, default=600)
+  p.add_argument("--eval-batch", type=positive_int, default=100, help="tasks per evaluation call")
+  p.add_argument("--checkpoint-every", type=positive_int, default=None,
+                 help="default: --eval-every")
   p.add_argument("--select", default="last", choices=("last", "validation"),
                  help="meta-parameters to report. last: those after the last step. validation: "
                       "also evaluate on --eval-tasks tasks of validation classes at every "
@@ -68,10 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "validation 100)")
   p.add_argument("--model", default="auto", choices=("auto", "mlp", "cnn"),
                  help="auto: MLP for sinusoid and digits, CNN for tfds images")
-  p.add_argument("--width", type=int, default=None,
+  p.add_argument("--width", type=positive_int, default=None,
                  help="hidden width / channels (default 40 for sinusoid, 64 otherwise)")
-  p.add_argument("--depth", type=int, default=2, help="hidden layers")
-  p.add_argument("--w-std", type=float, default=1 / math.sqrt(3),
+  p.add_argument("--depth", type=non_negative_int, default=2, help="hidden layers")
+  p.add_argument("--w-std", type=positive_float, default=1 / math.sqrt(3),
                  help="weight std × √fan_in (default 1/√3, the std of PyTorch nn.Linear's "
                       "default init; with He's √2 MAML's α=0.01 is beyond the stable inner "
                       "step on sinusoids)")
@@ -89,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--profile-steps", default="1,5,10,50")
   p.add_argument("--profile-inner", default=",".join(INNER),
                  help="comma-separated inner loops to profile")
-  p.add_argument("--profile-repeats", type=int, default=5,
+  p.add_argument("--profile-repeats", type=non_negative_int, default=5,
                  help="timed calls per configuration (the median is reported)")
 
 
@@ -122,9 +127,15 @@ def _check(args: argparse.Namespace) -> None:
     bad.append(f"--inner-lr={args.inner_lr}")
   if not (args.meta_lr > 0 and math.isfinite(args.meta_lr)):
     bad.append(f"--meta-lr={args.meta_lr}")
+  if not (args.w_std > 0 and math.isfinite(args.w_std)):
+    bad.append(f"--w-std={args.w_std}")
   if bad:
     raise SystemExit("error: these must be positive (steps and depth non-negative): " +
                      ", ".join(bad))
+  if args.task != "sinusoid" and args.n_way < 2:
+    raise SystemExit(f"error: --n-way must be at least 2 for classification, got "
+                     f"{args.n_way}: a 1-way task has a single class, so every prediction is "
+                     "trivially right.")
   if args.resume and not args.out:
     raise SystemExit("error: --resume needs --out (the run folder holding checkpoint.npz).")
   if args.task == "sinusoid" and args.outer_loss == "xent":
@@ -295,6 +306,49 @@ def _profile(args, f, params, train) -> int:
   return 0
 
 
+def _config_dict(args: argparse.Namespace) -> dict:
+  return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def _interrupted(args: argparse.Namespace, result, inner_config: dict, wall: float) -> int:
+  """After Ctrl-C: writes OUT/metrics.json with status "interrupted" and everything completed
+  so far (`result`, the `MetaResult` that `meta_train` attached to the interrupt), says where
+  it is and how to resume, and returns 130."""
+  import jax
+
+  from ntk_dynamics import runs
+  if result is None:
+    print("\nntk-dynamics meta: interrupted before meta-training started; nothing written.",
+          file=sys.stderr)
+    return 130
+  lines = [f"\nntk-dynamics meta: interrupted after meta-step {result.step} of "
+           f"{args.meta_steps}."]
+  if args.out:
+    metrics = {"config": _config_dict(args), "inner_config": inner_config,
+               "status": "interrupted", "message": result.message, "step": result.step,
+               "checkpoint_step": result.checkpoint_step, "evals": result.evals,
+               "train_log": result.train_log, "seconds_per_step": result.seconds_per_step,
+               "wall_seconds": wall, "jax": jax.__version__}
+    if result.select_evals:
+      metrics.update(select_evals=result.select_evals, best_step=result.best_step,
+                     best_eval=result.best_eval)
+    runs.atomic_write_json(f"{args.out}/metrics.json", metrics)
+    steps = [str(e["step"]) for e in result.evals]
+    if len(steps) > 6:
+      steps = steps[:3] + ["…", steps[-1]]
+    lines.append(f"wrote {args.out}/metrics.json (status \"interrupted\"; "
+                 f"{len(result.evals)} evaluations, at steps {', '.join(steps) or 'none'}).")
+    if result.checkpoint_step is not None:
+      lines.append(f"{args.out}/checkpoint.npz holds meta-step {result.checkpoint_step}: run "
+                   "the same command with --resume to continue from there.")
+    else:
+      lines.append("no checkpoint yet: run the same command again to start over.")
+  else:
+    lines.append("nothing was saved (no --out); pass --out to keep checkpoints.")
+  print("\n".join(lines), file=sys.stderr, flush=True)
+  return 130
+
+
 def run(args: argparse.Namespace) -> int:
   args = _defaults(args)
   _check(args)
@@ -322,10 +376,14 @@ def run(args: argparse.Namespace) -> int:
   print(f"{title}; {args.meta_steps} meta-steps of {args.meta_batch} tasks, Adam "
         f"{args.meta_lr:g}; jax {jax.__version__} on {jax.devices()[0].platform}")
   t0 = time.perf_counter()
-  result = meta.meta_train(inner, params, train, evaluation, config, select_sampler=validation,
-                           meta_optimizer=optax.adam(args.meta_lr),
-                           optimizer_name=f"adam({args.meta_lr!r})", out_dir=args.out,
-                           resume=args.resume, progress=not args.no_progress)
+  try:
+    result = meta.meta_train(inner, params, train, evaluation, config,
+                             select_sampler=validation, meta_optimizer=optax.adam(args.meta_lr),
+                             optimizer_name=f"adam({args.meta_lr!r})", out_dir=args.out,
+                             resume=args.resume, progress=not args.no_progress)
+  except KeyboardInterrupt as e:
+    return _interrupted(args, getattr(e, "result", None), dict(inner.config),
+                        time.perf_counter() - t0)
   wall = time.perf_counter() - t0
   final = result.evals[-1]
   classification = args.task != "sinusoid"
@@ -376,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
         f"{table}")
   if args.out:
     metrics = {
-        "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "config": _config_dict(args),
         "inner_config": dict(inner.config), "status": result.status,
         "message": result.message, "final": row, "evals": result.evals,
         "train_log": result.train_log, "seconds_per_step": result.seconds_per_step,

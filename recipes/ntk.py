@@ -8,17 +8,21 @@ from __future__ import annotations
 import argparse
 import time
 
+from recipes.cli import non_negative_int, positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dataset", default="digits", help="'digits' or tfds:NAME")
   p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir")
-  p.add_argument("--n", type=int, default=256, help="number of examples (x2 = x1)")
-  p.add_argument("--width", type=int, default=512)
-  p.add_argument("--depth", type=int, default=2, help="hidden layers")
+  p.add_argument("--n", type=positive_int, default=256,
+                 help="number of examples (x2 = x1); at most the training split's size")
+  p.add_argument("--width", type=positive_int, default=512)
+  p.add_argument("--depth", type=non_negative_int, default=2, help="hidden layers")
   p.add_argument("--full", action="store_true",
                  help="full (N, N, K, K) kernel instead of the logit-traced (N, N) one")
-  p.add_argument("--repeats", type=int, default=3, help="timed calls per implementation")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--repeats", type=positive_int, default=3,
+                 help="timed calls per implementation")
+  p.add_argument("--seed", type=non_negative_int, default=0)
   p.add_argument("--out", default=None, help="folder for metrics.json (optional)")
 
 
@@ -44,8 +48,13 @@ def run(args: argparse.Namespace) -> int:
 
   if args.n <= 0 or args.width <= 0 or args.depth < 0 or args.repeats <= 0:
     raise SystemExit("--n, --width and --repeats must be positive and --depth non-negative.")
-  data = tasks.load_dataset(args.dataset, data_dir=args.data_dir, n_train=args.n,
-                            seed=args.seed)
+  try:
+    data = tasks.load_dataset(args.dataset, data_dir=args.data_dir, n_train=args.n,
+                              seed=args.seed)
+  except ValueError as e:
+    # load_dataset names its argument `n_train`, which --n sets.
+    raise SystemExit(f"ntk: cannot load --dataset {args.dataset!r}: "
+                     f"{str(e).replace('`n_train`', '--n')}") from e
   x = jax.numpy.asarray(data.x_train.reshape(len(data.x_train), -1))
   model = models.mlp([args.width] * args.depth, data.num_classes)
   params = model.init(jax.random.PRNGKey(args.seed), x[:1])

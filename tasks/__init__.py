@@ -7,6 +7,7 @@ meta-batch axis, reproducible from an int seed or a JAX PRNG key.
 from __future__ import annotations
 
 from tasks._common import KeyOrSeed
+from tasks._sources import DatasetNotPreparedError
 from tasks.datasets import DATASET_NAMES, Dataset, load_dataset, one_hot
 from tasks.few_shot import (CLASS_SPLIT_SEED, DIGITS_CLASS_SPLITS,
                             DIGITS_CLASS_SPLITS_WITH_VALIDATION, FEW_SHOT_SOURCE_NAMES,
@@ -25,6 +26,7 @@ __all__ = [
     "OMNIGLOT_SPLIT_SIZES",
     "TFDS_CLASS_SPLIT_SIZES",
     "Dataset",
+    "DatasetNotPreparedError",
     "FewShotSampler",
     "FewShotSource",
     "KeyOrSeed",

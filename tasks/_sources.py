@@ -5,6 +5,8 @@ happens only for what is handed out, which keeps CIFAR or MNIST in memory at a q
 """
 from __future__ import annotations
 
+import glob
+import os
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -50,14 +52,49 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
   return digits.images.astype(np.uint8)[..., None], digits.target.astype(np.int64)
 
 
+class DatasetNotPreparedError(ValueError):
+  """A tfds dataset is not prepared in the data directory, and tfds could not prepare it."""
+
+
+def _tfds_dir(data_dir: str | None) -> str:
+  if data_dir is not None:
+    return os.path.expanduser(str(data_dir))
+  try:
+    return tfds.core.constants.get_default_data_dir()
+  except Exception:  # noqa: BLE001 - only used to word an error message
+    return "~/tensorflow_datasets"
+
+
+def is_prepared(name: str, data_dir: str | None) -> bool:
+  """Whether `data_dir` (None: tfds's default) holds a prepared version of tfds dataset `name`
+  (a `NAME/[CONFIG/]VERSION/dataset_info.json`)."""
+  root = os.path.join(_tfds_dir(data_dir), name)
+  return bool(glob.glob(os.path.join(glob.escape(root), "*", "dataset_info.json"))
+              or glob.glob(os.path.join(glob.escape(root), "*", "*", "dataset_info.json")))
+
+
 def open_tfds(name: str, split: str, data_dir: str | None) -> Sequence[dict[str, Any]]:
   """Random-access tfds source of one split (records are dicts of numpy values).
 
   Reading prepared ArrayRecord data needs no TensorFlow. When the data is not in `data_dir`,
   tfds downloads and prepares it, and the builders of these datasets use TensorFlow for that
-  (or prepare it elsewhere: `tfds build NAME --file_format=array_record`).
+  (or prepare it elsewhere: `tfds build NAME --file_format=array_record`). If that fails and
+  the data is not prepared, raises `DatasetNotPreparedError` (a ValueError) saying how to
+  prepare it.
   """
-  return tfds.data_source(name, split=split, data_dir=data_dir)
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir)
+  except Exception as e:  # noqa: BLE001 - reworded only when the data is missing
+    if is_prepared(name, data_dir):
+      raise
+    where = _tfds_dir(data_dir)
+    cause = f"{type(e).__name__}: {e}".splitlines()[0]
+    raise DatasetNotPreparedError(
+        f"tfds dataset {name!r} is not prepared in {where} and tfds could not prepare it "
+        f"({cause}); prepare it with `tfds build {name} --data_dir {where} "
+        "--file_format=array_record` (needs TensorFlow and network access; or build it "
+        "elsewhere and copy the folder), or point data_dir (--data-dir) at a folder that "
+        "holds it.") from e
 
 
 def read_records(source: Sequence[dict[str, Any]], indices: Iterable[int],

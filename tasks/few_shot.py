@@ -82,7 +82,8 @@ class FewShotSampler(TaskSampler):
   Args:
     x: (M, H, W, C) images of a real dtype (e.g. uint8 with scale=1/255).
     y: (M,) integer class ids.
-    n_way: classes per task, at most `num_classes`.
+    n_way: classes per task, at least 2 (a 1-way task is trivially solved) and at most
+      `num_classes`.
     k_shot: support images per class, >= 1.
     k_query: query images per class, >= 1; `k_shot + k_query` must not exceed the images of the
       smallest class used.
@@ -113,6 +114,9 @@ class FewShotSampler(TaskSampler):
     if not (isinstance(scale, numbers.Real) and np.isfinite(scale) and scale > 0):
       raise ValueError(f"`scale` must be a finite positive number, got {scale!r}.")
     self.n_way = check_positive_int("n_way", n_way)
+    if self.n_way < 2:
+      raise ValueError(f"`n_way` must be at least 2, got {self.n_way}: a 1-way task has a "
+                       "single class, so every prediction is trivially right.")
     self.k_shot = check_positive_int("k_shot", k_shot)
     self.k_query = check_positive_int("k_query", k_query)
     self.rotations = bool(rotations)

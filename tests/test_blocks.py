@@ -193,7 +193,7 @@ def test_bad_arguments_name_the_argument():
   for bad in (2.5, True, (3,)):
     with pytest.raises((TypeError, ValueError), match="batch_size"):
       blocks.batch(ntk_fn, bad)
-  for bad in (0, -1.0, float("inf")):
+  for bad in (0, 0.5, -1.0, float("inf")):
     with pytest.raises(ValueError, match="memory_bytes"):
       blocks.batch(ntk_fn, memory_bytes=bad)
   with pytest.raises(ValueError, match="batch_size.*memory_bytes"):
@@ -209,6 +209,8 @@ def test_bad_arguments_name_the_argument():
     blocked({"a": X10, "b": X7}, None, PARAMS)
   with pytest.raises(ValueError, match="no examples"):
     blocked(X10[:0], None, PARAMS)
+  with pytest.raises(ValueError, match=r"feature shapes: x1 \(10, 4\) vs x2 \(7, 5\)"):
+    blocked(X10, np.ones((7, D_IN + 1)), PARAMS)
   diag = blocks.batch(api.empirical_ntk_fn(mlp, diagonal_axes=(0,)), 2)
   with pytest.raises(ValueError, match="as many examples"):
     diag(X10, X7, PARAMS)

@@ -146,6 +146,23 @@ def test_learning_rate_beyond_stable_step_warns(model, data):
     curves.predict_curves(model, data, steps=20, loss="xent", lr_fraction=2.0)
 
 
+def test_traced_kernel_takes_its_step_limit_from_the_full_kernel(model, data):
+  # λ_max of the logit-traced kernel is only a lower bound on the full kernel's, so the step
+  # limit comes from the full kernel (matrix-free) and the linearized network converges.
+  full = _compare(model, data, lr_fraction=0.5, linearized=True)
+  traced = _compare(model, data, lr_fraction=0.5, linearized=True, trace_axes=(-1,))
+  assert traced.metrics["kernel"].startswith("traced")
+  assert traced.metrics["lambda_max"] == pytest.approx(full.metrics["lambda_max"], rel=1e-6)
+  assert traced.actual.train_loss[-1] < traced.actual.train_loss[0]
+
+
+def test_divergent_training_is_flagged(model, data):
+  with pytest.warns(curves.UntrustedPredictionWarning, match="training diverged: the "
+                    "training loss rose"):
+    c = _compare(model, data, lr_fraction=1.5, steps=30, linearized=True)
+  assert not c.trusted and any("rose from" in w for w in c.metrics["warnings"])
+
+
 def test_drift_above_threshold_warns(model, data):
   with pytest.warns(curves.UntrustedPredictionWarning, match="NTK moved"):
     c = _compare(model, data, lr_fraction=0.5, drift_threshold=1e-6)
@@ -170,7 +187,7 @@ def test_bad_inputs_raise_clear_errors(model, data):
     _compare(model, data, learning_rate=-1.0)
   with pytest.raises(TypeError, match="`data` must have"):
     _compare(model, {"x": 1})
-  with pytest.raises(ValueError, match="not heavy-ball SGD"):
+  with pytest.raises(ValueError, match=r"optax.sgd\(learning_rate, momentum\) only"):
     _compare(model, data, optimizer=optax.adam(1e-3))
 
 
@@ -188,9 +205,17 @@ def test_sgd_hyperparameters_reads_sgd(opt, expected):
 @pytest.mark.parametrize("opt", [
     optax.sgd(0.3, momentum=0.8, nesterov=True), optax.adam(0.1),
     optax.sgd(optax.exponential_decay(0.1, 1, 0.5)),
-    optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.1))])
+    optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.1)),
+    # schedules that change only after the probe's steps, and clipping that small gradients
+    # never trigger
+    optax.sgd(optax.exponential_decay(0.1, 100, 0.5, staircase=True)),
+    optax.sgd(optax.piecewise_constant_schedule(0.1, {50: 0.1})),
+    optax.sgd(optax.join_schedules([optax.constant_schedule(0.1),
+                                    optax.cosine_decay_schedule(0.1, 100)], [20])),
+    optax.inject_hyperparams(optax.sgd)(learning_rate=optax.exponential_decay(0.1, 100, 0.5)),
+    optax.chain(optax.clip_by_global_norm(100.), optax.sgd(0.1))])
 def test_sgd_hyperparameters_rejects_other_optimizers(opt):
-  with pytest.raises(ValueError, match="heavy-ball SGD"):
+  with pytest.raises(ValueError, match=r"optax.sgd\(learning_rate, momentum\) only"):
     curves.sgd_hyperparameters(opt, {"w": np.zeros(3)})
 
 

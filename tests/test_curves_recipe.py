@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 
@@ -58,7 +59,14 @@ def test_sweep_xent_momentum_writes_table_and_plot(tmp_path, capsys):
   assert "max ΔL_train/L0" in capsys.readouterr().out
 
 
-def test_interrupt_leaves_complete_files(tmp_path, monkeypatch):
+def _strict_json(path):
+  """Parses like a strict JSON reader: NaN / Infinity literals are errors."""
+  def refuse(name):
+    raise ValueError(f"{path} holds the non-JSON literal {name}")
+  return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_interrupt_leaves_complete_files(tmp_path, monkeypatch, capsys):
   out = tmp_path / "interrupted"
   real = runs.atomic_write_csv
   calls = []
@@ -75,8 +83,53 @@ def test_interrupt_leaves_complete_files(tmp_path, monkeypatch):
   assert len(rows) > 4 and all(len(r) == len(curves.CURVE_COLUMNS) for r in rows)
   actual = [r[2] for r in rows[1:]]
   assert actual[:3] != ["nan"] * 3 and actual[3:] == ["nan"] * (len(actual) - 3)
-  assert json.loads((out / "metrics.json").read_text())["status"] == "training"
+  metrics = _strict_json(out / "metrics.json")
+  assert metrics["status"] == "interrupted" and metrics["stage"] == "training"
+  assert metrics["logged_steps"] == 3 and metrics["steps"] == 20
+  assert metrics["step"] == int(rows[3][0])  # the last logged step reached
+  so_far = metrics["curves_so_far"]
+  assert so_far["step"] == [int(r[0]) for r in rows[1:4]]
+  assert so_far["actual_train_loss"] == [float(r[2]) for r in rows[1:4]]
+  assert metrics["max_train_loss_deviation_so_far"] >= 0 and metrics["width"] == 32
+  err = capsys.readouterr().err
+  assert "interrupted at step" in err and f"{out}/metrics.json" in err
   assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
+
+
+def test_sweep_interrupted_in_its_second_run_keeps_the_first(tmp_path, monkeypatch, capsys):
+  out = tmp_path / "sweep"
+  real = recipe._save_plot
+  calls = []
+
+  def plot_then_interrupt(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # the second run's plot: its metrics are complete, the figure is not
+      raise KeyboardInterrupt
+    real(*args, **kwargs)
+
+  monkeypatch.setattr(recipe, "_save_plot", plot_then_interrupt)
+  assert cli.main(["curves", *TINY, "--steps", "5", "--widths", "8,16",
+                   "--out", str(out)]) == 130
+  assert _strict_json(out / "width8_seed0" / "metrics.json")["status"] == "complete"
+  second = _strict_json(out / "width16_seed0" / "metrics.json")
+  assert second["status"] == "interrupted" and second["stage"] == "files"
+  assert second["step"] == 5 and "max_test_loss_deviation" in second  # the full metrics kept
+  assert len(_read_csv(out / "sweep.csv")) == 2  # header and the completed run
+  assert "1 of 2 runs completed" in capsys.readouterr().err
+
+
+def test_diverging_run_writes_strict_json(tmp_path):
+  out = tmp_path / "diverged"
+  with pytest.warns(curves.UntrustedPredictionWarning):
+    assert cli.main(["curves", *TINY, "--lr-fraction", "3", "--steps", "100",
+                     "--out", str(out)]) == 0
+  metrics = _strict_json(out / "metrics.json")  # no bare NaN / Infinity
+  assert metrics["max_train_loss_deviation"] is None
+  assert metrics["non_finite"]["/max_train_loss_deviation"] in ("nan", "inf")
+  restored = runs.read_json(out / "metrics.json")
+  assert "non_finite" not in restored and not math.isfinite(restored["train_output_rmse"])
+  assert restored["batch_size"] is None  # a real null stays None
+  _strict_json(out / "config.json")
 
 
 def test_learning_rate_beyond_stable_warns(tmp_path):
@@ -97,9 +150,19 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys):
     recipe.build_model("mlpp", 8, 1, 10, "ntk")
   with pytest.raises(SystemExit, match="--momentum needs --optimizer momentum"):
     cli.main(["curves", "--momentum", "0.5", "--out", str(tmp_path / "c")])
-  with pytest.raises(SystemExit, match="--widths must be comma-separated integers"):
+  with pytest.raises(SystemExit, match="--widths: must be comma-separated integers"):
     cli.main(["curves", "--widths", "8,x", "--out", str(tmp_path / "d")])
   with pytest.raises(SystemExit) as e:
     cli.main(["curves", "--lr", "0.1", "--lr-fraction", "0.5"])
   assert e.value.code == 2
+  capsys.readouterr()
+  for flag, value in (("--widths", ""), ("--seeds", ""), ("--seeds", ","), ("--widths", "0,8"),
+                      ("--widths", "8,8"), ("--steps", "0"), ("--lr", "-1"),
+                      ("--lr-fraction", "nan"), ("--n-train", "x")):
+    with pytest.raises(SystemExit, match=f"argument {flag}") as e:
+      cli.main(["curves", flag, value, "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"ntk-dynamics curves: error: argument {flag}")
+    assert err.count("\n") == 1, err  # one line
   assert not (tmp_path / "a").exists()  # nothing written before the inputs are valid
+  assert not (tmp_path / "e").exists()

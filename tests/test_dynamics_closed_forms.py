@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from decimal import Decimal, localcontext
 from typing import Any, Callable, Optional
 
 import jax
@@ -23,6 +24,7 @@ import scipy.linalg  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from ntk_dynamics import dynamics  # noqa: E402
+from ntk_dynamics.dynamics import modes  # noqa: E402
 from ntk_dynamics.linearize import linearize  # noqa: E402
 
 RTOL = 1e-8
@@ -388,3 +390,211 @@ def test_curves_shapes_jit_and_output_selection(problem):
                                               momentum=0.5, trace_axes=problem.trace_axes)
   ks = jnp.array([[0, 3], [17, 1000]])
   assert_close(jax.jit(steps)(ks, *args)[1], steps(ks, *args)[1], 1e-13)
+
+
+# --- float32: long times, rank-deficient and traced kernels ---------------------------------
+
+_PI = Decimal("3.14159265358979323846264338327950288419716939937510582097494459230781640628"
+              "6208998628034825342117067982148086513282306647093844609550582231725359408128")
+
+
+def _decimal_cos_sin(x: Decimal):
+  r = x - (x / (2 * _PI)).to_integral_value() * 2 * _PI
+  terms, term, n = [Decimal(0)] * 4, Decimal(1), 0
+  while n < 6 or abs(term) > Decimal(10) ** -110:  # term = r^n / n!
+    terms[n % 4] += term
+    n += 1
+    term = term * r / n
+  return terms[0] - terms[2], terms[1] - terms[3]
+
+
+def heavy_ball_reference(s: float, t: float, a: float) -> float:
+  """g(t) for g'' + a g' + s g = 1, g(0) = g'(0) = 0, in 100-digit decimal arithmetic:
+  g = (1 − φ)/s with φ = e^{−at/2}(C + (at/2) S), C = cosh √w, S = sinh(√w)/√w,
+  w = (a²/4 − s)t² (cos and sinc for w < 0)."""
+  with localcontext() as ctx:
+    ctx.prec, ctx.Emax, ctx.Emin = 100, 10**15, -10**15
+    s, t, a = Decimal(float(s)), Decimal(float(t)), Decimal(float(a))
+    if t == 0:
+      return 0.
+    if s == 0:
+      return float(t / a - (1 - (-a * t).exp()) / (a * a))
+    hp, w = a * t / 2, (a * a / 4 - s) * t * t
+    if w > 0:
+      x = w.sqrt()
+      up, down = (x - hp).exp(), (-x - hp).exp()
+      c, sh = (up + down) / 2, (up - down) / (2 * x)
+    elif w < 0:
+      x = (-w).sqrt()
+      cos, sin = _decimal_cos_sin(x)
+      c, sh = (-hp).exp() * cos, (-hp).exp() * sin / x
+    else:
+      c = sh = (-hp).exp()
+    return float((1 - c - hp * sh) / s)
+
+
+LONG_TIMES = np.array([0., 1e-3, 0.7, 3., 10., 37., 1e2, 1e4, 1e6, 1e7, 1e9])
+
+
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-4), (jnp.float64, 1e-10)])
+@pytest.mark.parametrize("momentum", [0., 0.9])
+def test_momentum_flow_response_is_accurate_at_all_times(dtype, rtol, momentum):
+  """Per-mode response of the continuous heavy ball against 100-digit arithmetic for over-,
+  under- and critically damped modes, s = 0, tiny and large s, t from 0 to 1e9."""
+  a = float(1 - np.asarray(momentum, dtype))
+  crit = a * a / 4
+  rates = np.array([0., 1e-30, 1e-9, 1e-4, crit * (1 - 1e-3), crit, crit * (1 + 1e-3), 0.4,
+                    1.9, 1e3], dtype)
+  times = LONG_TIMES.astype(dtype)
+  g = np.asarray(modes.heavy_ball_flow(jnp.asarray(rates), jnp.asarray(times), momentum))
+  assert g.dtype == dtype
+  ref = np.array([[heavy_ball_reference(s, t, a) for s in rates] for t in times])
+  assert np.all(g[0] == 0)
+  err = np.abs(g[1:] - ref[1:]) / ref[1:]
+  assert np.max(err) <= rtol, np.unravel_index(np.argmax(err), err.shape)
+
+
+@pytest.mark.parametrize("learning_rate,momentum", [(1e-6, 0.), (1e-3, 0.9), ("half", 0.9),
+                                                    ("half", 0.)])
+def test_momentum_flow_float32_predictions_at_long_times(learning_rate, momentum):
+  """Whole float32 predictions (train and test) against a float64 eigendecomposition with the
+  decimal per-mode response (float32 used to be off by 0.3 or NaN from t ~ 1e7)."""
+  rng = np.random.default_rng(0)
+  jac, jac_test = rng.normal(size=(6, 20)), rng.normal(size=(3, 20))
+  kernel, k_test = jac @ jac.T, jac_test @ jac.T
+  y = rng.normal(size=(6, 2))
+  lam, vecs = np.linalg.eigh(kernel)
+  n = y.size
+  lr = float(0.5 * 2 * (1 + momentum) * n / lam[-1]) if learning_rate == "half" else learning_rate
+  times = np.array([10., 1e3, 1e5, 1e7, 1e9], np.float32)
+  predict = dynamics.momentum_flow_mse(jnp.asarray(kernel, jnp.float32),
+                                       jnp.asarray(y, jnp.float32), lr, momentum=momentum)
+  train, test = predict(jnp.asarray(times), 0., 0., jnp.asarray(k_test, jnp.float32))
+  assert train.dtype == test.dtype == jnp.float32
+  rates = np.float32(lr) * lam / n
+  g = np.array([[heavy_ball_reference(s, t, 1 - momentum) for s in rates] for t in times])
+  proj = vecs.T @ (0. - y)
+  ref_train = -np.einsum("ia,ta,ac->tic", vecs, rates * g, proj)
+  ref_test = -np.einsum("ba,ta,ac->tbc", k_test @ vecs, lr / n * g, proj)
+  assert_close(train, ref_train, 1e-4)
+  assert_close(test, ref_test, 1e-4)
+
+
+def test_momentum_flow_gradients_are_finite_in_float32():
+  """Meta-learning differentiates through the closed forms: gradients in the kernel, the
+  learning rate and the momentum stay finite at every time, including s = 0 modes."""
+  rng = np.random.default_rng(3)
+  jac = rng.normal(size=(5, 3)).astype(np.float32)  # rank 3: two zero modes
+  kernel = jnp.asarray(jac @ jac.T)
+  y = jnp.asarray(rng.normal(size=(5, 1)), jnp.float32)
+  times = jnp.asarray([0., 0.5, 10., 1e3, 1e7, 1e9], jnp.float32)
+
+  def loss(k, lr, m):
+    train, test = dynamics.momentum_flow_mse(k, y, lr, momentum=m)(times, 0., 0., k[:2])
+    return jnp.sum(train ** 2) + jnp.sum(test ** 2)
+
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(kernel, jnp.float32(0.3), jnp.float32(0.9))
+  for grad in grads:
+    assert np.all(np.isfinite(np.asarray(grad)))
+  response = lambda s, t, m: modes.heavy_ball_flow(s, t, m).sum()  # noqa: E731
+  rates = jnp.asarray([0., 1e-20, 2.5e-3, 0.4, 1e3], jnp.float32)
+  for grad in jax.grad(response, argnums=(0, 1, 2))(rates, times, jnp.float32(0.9)):
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
+@pytest.mark.parametrize("momentum", [0., 0.9])
+def test_response_derivative_in_the_rate_at_zero(momentum):
+  """dg/ds at s = 0 (exact zero modes): −t²/2 for the flow, and the heavy ball's value from
+  g = t/a − (1 − e^{−at})/a² − s ∫ ... (checked by a one-sided difference in float64)."""
+  t = jnp.asarray([0.5, 4., 30.])
+  flow_grad = jax.vmap(jax.grad(lambda s, ti: modes.flow(s[None], ti[None])[0, 0]),
+                       (None, 0))(jnp.float64(0.), t)
+  np.testing.assert_allclose(flow_grad, -t ** 2 / 2, rtol=1e-12)
+  hb = lambda s, ti: modes.heavy_ball_flow(s[None], ti[None], momentum)[0, 0]  # noqa: E731
+  hb_grad = jax.vmap(jax.grad(hb), (None, 0))(jnp.float64(0.), t)
+  h = 1e-7
+  diff = jax.vmap(lambda ti: (hb(jnp.float64(h), ti) - hb(jnp.float64(0.), ti)) / h)(t)
+  np.testing.assert_allclose(hb_grad, diff, rtol=1e-5)
+
+
+def _rank_deficient_float32(seed=1, n=20, m=5, p=8):
+  rng = np.random.default_rng(seed)
+  jac, jac_test = rng.normal(size=(n, p)), rng.normal(size=(m, p))
+  return (jnp.asarray(jac @ jac.T, jnp.float32), jnp.asarray(jac_test @ jac.T, jnp.float32),
+          jnp.asarray(rng.normal(size=(n, 1)), jnp.float32), jac, jac_test)
+
+
+@pytest.mark.parametrize("name,kwargs,big", [
+    ("flow", {}, 1e8), ("steps", {}, 10**8), ("steps", {"momentum": 0.5}, 10**8),
+    ("momentum_flow", {"momentum": 0.6}, 1e8)])
+def test_rank_deficient_float32_converges_to_the_limit(name, kwargs, big):
+  """Θ = J Jᵀ (20 x 8) in float32: the 12 null modes are rounding noise (|λ| ~ 1e-7 λ_max).
+  They are dropped at finite t as at t=None, so large t agrees with the limit (the test
+  predictions used to drift by O(1) at t = 1e8) and with exact kernel regression."""
+  kernel, k_test, y, jac, jac_test = _rank_deficient_float32()
+  factory = FACTORIES[name][0]
+  lam_max = float(np.linalg.eigvalsh(np.asarray(kernel, np.float64))[-1])
+  lr = 0.5 * 2 * (1 + kwargs.get("momentum", 0.)) * y.size / lam_max
+  predict = factory(kernel, y, lr, **kwargs)
+  f0, ft0 = jnp.zeros_like(y), jnp.zeros((5, 1), jnp.float32)
+  inf_train, inf_test = predict(None, f0, ft0, k_test)
+  t = jnp.asarray([big // 10**4, big], jnp.int32 if name == "steps" else jnp.float32)
+  train, test = predict(t, f0, ft0, k_test)
+  # Exact float64 answer: the minimum-norm interpolant of y in the row space of J.
+  kernel64 = jac @ jac.T
+  dual = np.linalg.lstsq(kernel64, np.asarray(y, np.float64), rcond=1e-10)[0]
+  exact_test = (jac_test @ jac.T) @ dual
+  exact_train = kernel64 @ dual
+  for i in range(2):
+    assert_close(test[i], exact_test, 1e-4)
+    assert_close(train[i], exact_train, 1e-4)
+    assert_close(test[i], inf_test, 1e-4)
+    assert_close(train[i], inf_train, 1e-4)
+
+
+def test_singular_kernel_under_jit_matches_eager():
+  """A factory called under `jax.jit` decides singularity with a traced predicate: the t=None
+  limit is the pseudo-inverse solution, not NaN (Cholesky of a singular matrix)."""
+  kernel, k_test, y, _, _ = _rank_deficient_float32()
+
+  def limit(k, yy, diag_reg=0.):
+    return dynamics.gradient_descent_mse(k, yy, 1., diag_reg=diag_reg)(None, 0., 0., k_test)
+
+  for diag_reg in [0., 1e-2]:  # 1e-2: nonsingular, condition number ~500
+    eager_train, eager_test = limit(kernel, y, diag_reg)
+    jit_train, jit_test = jax.jit(limit, static_argnums=2)(kernel, y, diag_reg)
+    assert np.all(np.isfinite(jit_test))
+    assert_close(jit_test, eager_test, 1e-5)
+    assert_close(jit_train, eager_train, 1e-5)
+  _, batched_test = jax.vmap(limit)(jnp.stack([kernel, 2 * kernel]), jnp.stack([y, y]))
+  _, eager_test = limit(kernel, y)
+  assert_close(batched_test[0], eager_test, 1e-4)
+  assert_close(batched_test[1], eager_test / 2, 1e-4)  # (2Θ)⁺ = Θ⁺/2, k_test fixed
+
+
+@pytest.mark.parametrize("kernel_name", ["generic", "degenerate"])
+def test_limit_gradients_under_jit_are_finite_for_nonsingular_kernels(kernel_name):
+  """`jax.grad` through `gradient_descent_mse(...)(None, ...)` under jit (meta-learning's ridge
+  inner loop): finite and equal to the eager gradients, also for exactly repeated eigenvalues
+  (2·I), where an eigenvector-based branch would give NaN."""
+  rng = np.random.default_rng(5)
+  feats = rng.normal(size=(6, 10))
+  kernel = feats @ feats.T / 10 if kernel_name == "generic" else 2. * np.eye(6)
+  y = rng.normal(size=(6, 2))
+  k_test = rng.normal(size=(3, 6))
+
+  def loss(k, yy):
+    predict = dynamics.gradient_descent_mse(k, yy, 1., diag_reg=1e-3)
+    train, test = predict(None, 0., 0., k_test)
+    return jnp.sum(test ** 2) + jnp.sum(train ** 2)
+
+  def reference(k, yy):  # a plain linear solve
+    k_reg = k + 1e-3 * jnp.trace(k) / 6 * jnp.eye(6)
+    return jnp.sum((k_test @ jnp.linalg.solve(k_reg, yy)) ** 2) + jnp.sum(yy ** 2)
+
+  args = (jnp.asarray(kernel), jnp.asarray(y))
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(*args)
+  expected = jax.grad(reference, argnums=(0, 1))(*args)
+  assert all(np.all(np.isfinite(g)) for g in grads)
+  assert_close(grads[0] + grads[0].T, expected[0] + expected[0].T, 1e-10)  # symmetric part
+  assert_close(grads[1], expected[1], 1e-10)

@@ -138,3 +138,100 @@ def test_unstable_step_warns_with_figures(momentum):
     warnings.simplefilter("error")
     dynamics.gradient_descent_mse_steps(k, y, 0.99 * limit, momentum=momentum)
     dynamics.gradient_descent_mse(k, y, 100 * limit)  # the flow has no stability limit
+
+
+def _float32_ntk(n=64, p=16, seed=0):
+  """A rank-deficient float32 kernel J Jᵀ: its null-space eigenvalues are rounding noise, some
+  of them negative."""
+  jac = np.random.default_rng(seed).normal(size=(n, p)).astype(np.float32)
+  return jnp.asarray(jac) @ jnp.asarray(jac).T
+
+
+@pytest.mark.parametrize("name", ["flow", "steps", "momentum_flow"])
+def test_indefinite_kernel_is_rejected(name):
+  k, _, y = _data()
+  lam = np.linalg.eigvalsh(k)
+  shifted = k - (lam[-1] + lam[0]) / 2 * np.eye(N)  # eigenvalues of both signs
+  with pytest.raises(ValueError, match=r"`k_train_train` \(shape \(5, 5\)\) is not positive "
+                     r"semi-definite: its eigenvalues range from -\d.*tol = "):
+    FACTORIES[name](shifted, y)
+  with pytest.raises(ValueError, match=r"largest eigenvalue .* <= 0 although the kernel is "
+                     "nonzero"):
+    FACTORIES[name](-k, y)
+  # diag_reg does not hide it: the check is on Θ itself.
+  with pytest.raises(ValueError, match="not positive semi-definite"):
+    FACTORIES[name](shifted, y, diag_reg=10., diag_reg_absolute_scale=True)
+  # Rounding noise of a float32 J Jᵀ (λ_min ~ -1e-7 λ_max) passes, as does the zero kernel.
+  kernel = _float32_ntk()
+  assert np.linalg.eigvalsh(np.asarray(kernel))[0] < 0
+  FACTORIES[name](kernel, np.ones((64, 1), np.float32), 0.1)(3., 0.)
+  FACTORIES[name](np.zeros((N, N)), y)
+  # Under jit the kernel is not concrete and is not checked.
+  predict = lambda kk: FACTORIES[name](kk, y)(2., 0.)  # noqa: E731
+  assert jax.jit(predict)(shifted).shape == y.shape
+
+
+def test_indefinite_or_asymmetric_kernel_in_max_learning_rate_and_kernel_spectrum():
+  from ntk_dynamics import init
+  k, _, _ = _data()
+  with pytest.raises(ValueError, match=r"max_learning_rate: `k_train_train` \(shape \(5, 5\)\) "
+                     "is not positive semi-definite"):
+    dynamics.max_learning_rate(-k, 10)
+  with pytest.raises(ValueError, match="not positive semi-definite"):
+    dynamics.max_learning_rate(k - 2 * np.eye(N), 10)
+  with pytest.raises(ValueError, match=r"kernel_spectrum: `kernel` \(shape \(4, 4\)\) is not "
+                     r"positive semi-definite: its eigenvalues range from -1 to -1"):
+    init.kernel_spectrum(-jnp.eye(4))
+  skew = np.array(k)
+  skew[0, 1] += 0.1
+  with pytest.raises(ValueError, match=r"`kernel` \(shape \(5, 5\)\) is not symmetric"):
+    init.kernel_spectrum(skew)
+  with pytest.raises(ValueError, match="not symmetric"):
+    dynamics.max_learning_rate(skew, 10)
+  kernel = _float32_ntk(n=1024, p=100)  # rounding noise of a float32 kernel passes
+  assert np.isfinite(float(dynamics.max_learning_rate(kernel, 1024)))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # λ_min ≤ 0: κ undefined (warned)
+    assert init.kernel_spectrum(kernel).lambda_min < 0
+
+
+def test_messages_for_non_finite_steps_and_scalar_targets():
+  k, _, y = _data()
+  with pytest.raises(ValueError, match=r"`t` \(shape \(\)\) must be finite and >= 0; got \[inf\]"):
+    dynamics.gradient_descent_mse_steps(k, y)(float("inf"), 0.)
+  with pytest.raises(ValueError, match=r"`t` \(shape \(2,\)\) must be finite .* got \[nan\]"):
+    dynamics.gradient_descent_mse_steps(k, y)(np.array([1., np.nan]), 0.)
+  for name in FACTORIES:
+    with pytest.raises(ValueError, match=r"`y_train` must have at least one axis .* got shape "
+                       r"\(\)"):
+      FACTORIES[name](np.ones((1, 1)), 1.)
+
+
+@pytest.mark.parametrize("size", [10, np.int64(10), np.int32(10), jnp.int32(10), np.array(10),
+                                  jnp.array(10)])
+def test_integral_scalars_are_accepted(size):
+  k, _, y = _data()
+  expected = 2 * 10 / np.linalg.eigvalsh(k)[-1]
+  np.testing.assert_allclose(dynamics.max_learning_rate(k, size), expected, rtol=1e-10)
+  dynamics.gradient_descent(MSE, k, y, max_steps=size)(1., 0.)
+
+
+@pytest.mark.parametrize("bad", [10., np.float64(10.), True, np.array([10]), jnp.array(10.), 0,
+                                 -3])
+def test_non_integral_sizes_are_rejected(bad):
+  k, _, y = _data()
+  with pytest.raises(ValueError, match="`y_train_size` must be a positive integer"):
+    dynamics.max_learning_rate(k, bad)
+  with pytest.raises(ValueError, match="`max_steps` must be a positive integer"):
+    dynamics.gradient_descent(MSE, k, y, max_steps=bad)
+
+
+def test_negative_kernel_rejected_on_the_lanczos_path(monkeypatch):
+  from ntk_dynamics.dynamics import stability
+  monkeypatch.setattr(stability, "DENSE_MAX_DIM", 3)  # 5 rows: Lanczos for λ_max
+  k, _, _ = _data()
+  with pytest.raises(ValueError, match=r"largest eigenvalue -.* <= 0 although the kernel is "
+                     "nonzero"):
+    dynamics.max_learning_rate(-k, 10)
+  np.testing.assert_allclose(dynamics.max_learning_rate(k, 10),
+                             2 * 10 / np.linalg.eigvalsh(k)[-1], rtol=1e-8)

@@ -57,6 +57,34 @@ MIXING = {
 }
 
 
+def _rnn_with_configured_batch(p, x):
+  h = jnp.zeros((5, 3))  # state sized by a batch size fixed in advance
+  for t in range(x.shape[1]):
+    h = jnp.tanh(x[:, t] @ p["w"][:4] + h)
+  return h + p["b"]
+
+
+# Per-example in the jaxpr traced at the full batch, but not the same program on one example.
+BATCH_SIZE_DEPENDENT = {
+    "divides by the batch size": (lambda p, x: flat(x) @ p["w"] / x.shape[0], P, X),
+    "state sized by a configured batch": (_rnn_with_configured_batch, P, X),
+    "branch on the batch size": (
+        lambda p, x: flat(x) @ p["w"] * (2. if x.shape[0] > 1 else 1.), P, X),
+}
+
+
+@pytest.mark.parametrize("name", BATCH_SIZE_DEPENDENT)
+def test_batch_size_dependent_model_takes_the_whole_batch_path(name):
+  f, params, x = BATCH_SIZE_DEPENDENT[name]
+  assert not is_per_example(f, params, x)
+  jac = jax.jacrev(f)(params, x)
+  ref = sum(j.reshape(5, 3, -1).transpose(0, 2, 1).reshape(5, -1) @
+            j.reshape(5, 3, -1).transpose(0, 2, 1).reshape(5, -1).T
+            for j in jax.tree.leaves(jac)) / 3
+  np.testing.assert_allclose(nd.empirical_ntk_fn(f)(x, None, params), ref, rtol=1e-5,
+                             atol=1e-5)
+
+
 @pytest.mark.parametrize("name", INDEPENDENT)
 def test_finds_independence(name):
   f, params, x = INDEPENDENT[name]

@@ -116,10 +116,12 @@ def test_non_finite_params(setup):
 
 
 def test_non_positive_lambda_min_warns_with_figure():
-  k = np.diag([2.0, 1.0, -1e-3])
-  with pytest.warns(RuntimeWarning, match=r"λ_min = -0.001 ≤ 0.*undefined"):
+  k = np.diag([2.0, 1.0, -1e-9])   # negative by rounding only (tolerance 2·√eps·λ_max)
+  with pytest.warns(RuntimeWarning, match=r"λ_min = -1e-09 ≤ 0.*undefined"):
     spec = ni.kernel_spectrum(k)
   assert spec.condition_number == math.inf
+  with pytest.raises(ValueError, match="not positive semi-definite"):
+    ni.kernel_spectrum(np.diag([2.0, 1.0, -1e-3]))   # beyond rounding: not an NTK
   with pytest.warns(RuntimeWarning, match="within rounding"):
     ni.kernel_spectrum(np.diag([1.0, 1e-18]))
   with pytest.raises(ValueError, match="non-finite"):

@@ -42,3 +42,30 @@ def test_init_recipe_rejects_bad_arguments():
     cli.main(["init", "--tweaks", "default,magic"])
   with pytest.raises(SystemExit, match="n-search"):
     cli.main(["init", "--n-train", "10", "--n-search", "20"])
+  for flag, value in (("--search-lr", "-1"), ("--w-std", "0"), ("--temperature", "-1"),
+                      ("--b-std", "nan")):
+    with pytest.raises(SystemExit, match=flag):
+      cli.main(["init", flag, value])
+
+
+def test_init_recipe_interrupted_keeps_finished_rows(tmp_path, monkeypatch):
+  from recipes import init as init_recipe
+  calls = []
+  real = init_recipe._train
+
+  def train_then_interrupt(*a, **kw):
+    if calls:
+      raise KeyboardInterrupt
+    calls.append(1)
+    return real(*a, **kw)
+
+  monkeypatch.setattr(init_recipe, "_train", train_then_interrupt)
+  out = tmp_path / "run"
+  rc = cli.main(["init", "--n-train", "24", "--n-test", "20", "--n-search", "12",
+                 "--width", "6", "--depth", "2", "--steps", "4", "--seeds", "0",
+                 "--implementation", "jacobian_contraction", "--tweaks",
+                 "default,spectral_lr", "--out", str(out), "--no-progress"])
+  assert rc == 130
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["status"] == "interrupted"
+  assert len(metrics["per_seed"]["default"]) == 1 and metrics["per_seed"]["spectral_lr"] == []

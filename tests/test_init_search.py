@@ -66,5 +66,9 @@ def test_gradinit_objective_improves_lookahead(setup):
   assert best["grad_norm"] <= res.report["gradinit_max_grad_norm"] * (1 + 1e-6)
   with pytest.raises(ValueError, match="needs the targets"):
     ni.search_init_scales(model, params, x, objective="gradinit", steps=1)
+  with pytest.raises(ValueError, match="learning_rate"):
+    ni.search_init_scales(model, params, x, steps=1, learning_rate=-1.)
+  with pytest.raises(ValueError, match="temperature"):
+    ni.search_init_scales(model, params, x, steps=1, temperature=-1.)
 
 

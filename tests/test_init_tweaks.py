@@ -10,6 +10,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import pytest  # noqa: E402
 
+import ntk_dynamics as nd  # noqa: E402
 from ntk_dynamics import dynamics  # noqa: E402
 from ntk_dynamics import init as ni  # noqa: E402
 
@@ -27,12 +28,12 @@ def setup():
 
 def test_spectral_learning_rate(setup):
   model, f, params, x = setup
-  k = _dense_kernel(f, params, x)
+  k = _dense_kernel(f, params, x, ())
   res = ni.spectral_learning_rate(model, params, x, factor=0.7)
   eta_max = float(dynamics.max_learning_rate(jnp.asarray(k), N * K))
   assert res.learning_rate == pytest.approx(0.7 * eta_max, rel=1e-10)
   assert res.report["eta_max"] == pytest.approx(2 * N * K / np.linalg.eigvalsh(k)[-1])
-  assert res.report["regime"].startswith("lazy")
+  assert res.report["regime"].startswith("lazy") and res.report["kernel"] == "full"
   assert res.params is params
   free = ni.spectral_learning_rate(model, params, x, factor=0.7, method="lanczos")
   assert free.learning_rate == pytest.approx(res.learning_rate, rel=1e-6)
@@ -42,6 +43,40 @@ def test_spectral_learning_rate(setup):
   assert mom.learning_rate == pytest.approx(1.9 * eta_max, rel=1e-10)
   with pytest.raises(ValueError, match="factor"):
     ni.spectral_learning_rate(model, params, x, factor=0.)
+
+
+def _linearized_sgd_loss(f, params, x, lr, steps):
+  """Training loss of the linearized model after `steps` of optax.sgd(lr) on fixed targets."""
+  f_lin = nd.linearize(f, params)
+  y = jax.random.normal(jax.random.PRNGKey(3), (N, K), jnp.float64)
+  tx = optax.sgd(lr)
+
+  def step(carry, _):
+    p, s = carry
+    g = jax.grad(lambda q: 0.5 * jnp.mean((f_lin(q, x) - y) ** 2))(p)
+    u, s = tx.update(g, s, p)
+    return (optax.apply_updates(p, u), s), None
+
+  (p, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+  return float(0.5 * jnp.mean((f_lin(p, x) - y) ** 2))
+
+
+def test_spectral_learning_rate_traced_kernel_is_only_a_bound(setup):
+  # λ_max(Θ_tr) ≤ λ_max(Θ): a step from the traced kernel can exceed the stable one of the
+  # linearized network, which is why the full kernel is the default (and a traced one warns).
+  model, f, params, x = setup
+  with pytest.warns(RuntimeWarning, match="lower bound"):
+    traced = ni.spectral_learning_rate(model, params, x, factor=0.9, trace_axes=(-1,))
+  with pytest.warns(RuntimeWarning, match="lower bound"):
+    given = ni.spectral_learning_rate(model, params, x, factor=0.9,
+                                      kernel=_dense_kernel(f, params, x))
+  assert given.learning_rate == pytest.approx(traced.learning_rate, rel=1e-10)
+  full = ni.spectral_learning_rate(model, params, x, factor=0.9)
+  ratio = full.report["lambda_max"] / traced.report["lambda_max"]
+  assert 0.9 * ratio > 1.05, ratio  # here 0.9·η_max(traced) is beyond η_max(full)
+  loss0 = _linearized_sgd_loss(f, params, x, 1e-12, 1)
+  assert _linearized_sgd_loss(f, params, x, full.learning_rate, 400) < loss0
+  assert _linearized_sgd_loss(f, params, x, traced.learning_rate, 400) > 1e3 * loss0
 
 
 @pytest.mark.parametrize("mode", ["antisymmetric", "subtract"])

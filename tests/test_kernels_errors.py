@@ -225,3 +225,29 @@ def test_ntk_vp_fn_bad_v(mlp):
 def test_taylor_expand_bad_degree(mlp, degree):
   with pytest.raises(ValueError, match=r"(?s)`degree`.*non-negative integer"):
     taylor_expand(mlp.f, mlp.params, degree)
+
+
+@pytest.mark.parametrize("implementation", list(NtkImplementation), ids=lambda i: i.name)
+@pytest.mark.parametrize("vmap_axes", [None, 0])
+def test_empty_batch(mlp, implementation, vmap_axes):
+  fn = empirical_ntk_fn(mlp.f, implementation=implementation, vmap_axes=vmap_axes)
+  with pytest.raises(ValueError, match=r"`x1` has no examples.*\(0, 5\)"):
+    fn(mlp.x1[:0], None, mlp.params)
+  with pytest.raises(ValueError, match=r"`x2` has no examples"):
+    fn(mlp.x1, mlp.x2[:0], mlp.params)
+
+
+def test_numpy_integer_axes_and_list_vmap_axes(mlp):
+  ref = empirical_ntk_fn(mlp.f, trace_axes=(-1,), vmap_axes=0)(mlp.x1, mlp.x2, mlp.params)
+  for trace_axes, vmap_axes in ((np.int64(-1), np.int64(0)), ((np.int32(-1),), [0, 0, None])):
+    got = empirical_ntk_fn(mlp.f, trace_axes=trace_axes, vmap_axes=vmap_axes)(
+        mlp.x1, mlp.x2, mlp.params)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(False)])
+def test_boolean_axes_are_not_axis_numbers(bad):
+  with pytest.raises(TypeError, match="`trace_axes`"):
+    empirical_ntk_fn(lambda p, x: x, trace_axes=bad)
+  with pytest.raises(TypeError, match="`vmap_axes`"):
+    empirical_ntk_fn(lambda p, x: x, vmap_axes=bad)

@@ -234,3 +234,50 @@ def test_ntk_vector_products_in_chunks(vmap_axes):
     want = zoo_reference_ntk("pytree_io", "none" if x2_ is None else "x2_same_batch", (),
                              (0,))
     assert_close(got, want, TOL)
+
+
+def test_half_precision_weights_accumulate_in_the_output_dtype():
+  # float16 weights of a float32 model: every implementation returns a float32 kernel (the
+  # Jacobian-contraction sum used to stay in float16 and overflow to inf).
+  r = np.random.RandomState(0)
+  params = {"w": jnp.asarray(r.randn(64, 8) * .1, jnp.float16),
+            "v": jnp.asarray(r.randn(8, 3), jnp.float16)}
+  x = jnp.asarray(r.randn(3, 64) * 30, jnp.float32)
+
+  def f(p, x):
+    return (x @ p["w"].astype(jnp.float32)) @ p["v"].astype(jnp.float32)
+
+  kernels = [empirical_ntk_fn(f, implementation=impl)(x, None, params)
+             for impl in NtkImplementation]
+  for k in kernels:
+    assert k.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(k)))
+    np.testing.assert_allclose(k, kernels[0], rtol=1e-3)
+  assert float(jnp.max(kernels[0])) > 7e5   # beyond float16's 65504
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_kwargs_given_per_side_as_in_neural_tangents(implementation):
+  # A kwarg given as a 2-tuple is split: the first part goes with x1, the second with x2.
+  r = np.random.RandomState(0)
+  params = {"w": jnp.asarray(r.randn(4, 6)), "v": jnp.asarray(r.randn(6, 3))}
+
+  def f(p, x, mask=None, scale=1.0):
+    return scale * (jnp.tanh(x @ p["w"]) * mask) @ p["v"]
+
+  x1, x2 = jnp.asarray(r.randn(5, 4)), jnp.asarray(r.randn(3, 4))
+  m1, m2 = (jnp.asarray(r.rand(n, 6) > .5, x1.dtype) for n in (5, 3))
+
+  def reference(xa, ma, xb, mb):
+    ja = jax.jacrev(lambda q: f(q, xa, mask=ma, scale=2.))(params)
+    jb = jax.jacrev(lambda q: f(q, xb, mask=mb, scale=2.))(params)
+    return sum(jnp.einsum("ak...,bk...->ab", ja[k], jb[k]) for k in ja) / 3
+
+  for vmap_axes in (None, (0, 0, {"mask": 0})):
+    fn = empirical_ntk_fn(f, vmap_axes=vmap_axes, implementation=implementation)
+    zoo.assert_close(fn(x1, x2, params, mask=(m1, m2), scale=2.), reference(x1, m1, x2, m2),
+                     TOL)
+    zoo.assert_close(fn(x1, None, params, mask=(m1, m1[::-1]), scale=2.),
+                     reference(x1, m1, x1, m1[::-1]), TOL)
+  with pytest.raises(ValueError, match=r"kwarg `mask` is given per side.*kwargs_axes"):
+    empirical_ntk_fn(f, vmap_axes=0, implementation=implementation)(
+        x1, x2, params, mask=(m1, m2))

@@ -16,6 +16,7 @@ import ntk_dynamics as nd  # noqa: E402
 import tasks  # noqa: E402
 from ntk_dynamics import meta, models, runs  # noqa: E402
 from recipes import cli  # noqa: E402
+from tests.cli_common import usage_error  # noqa: E402
 
 
 def _setup(inner_name="maml", width=8):
@@ -77,6 +78,56 @@ def test_resume_after_a_crash_and_after_a_shorter_run_is_exact(tmp_path):
   # A checkpoint from other settings is refused, not silently continued.
   with pytest.raises(ValueError, match="different settings"):
     _train(tmp_path / "half", 6, resume=True, meta_batch=4)
+  # So is one past the steps asked for (it would report the checkpoint's step as done).
+  with pytest.raises(ValueError, match="at meta-step 6, past the 4 meta-steps asked for"):
+    _train(tmp_path / "half", 4, resume=True)
+  # Resuming a finished run as it is keeps its time per step (no step is timed).
+  again = _train(tmp_path / "half", 6, resume=True)
+  assert again.step == 6 and again.seconds_per_step == continued.seconds_per_step > 0
+
+
+def test_interrupt_carries_the_run_so_far_and_resumes_exactly(tmp_path):
+  full = _train(tmp_path / "full", 6)
+
+  def interrupt(step, loss):
+    if step == 5:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt) as e:
+    _train(tmp_path / "cut", 6, on_step=interrupt)
+  partial = e.value.result
+  assert partial.status == "interrupted" and partial.step == 5 and partial.checkpoint_step == 4
+  assert [r["step"] for r in partial.evals] == [0, 3]
+  assert [_without_time(r) for r in partial.evals] == [_without_time(r) for r in full.evals[:2]]
+  assert "after meta-step 5 of 6" in partial.message and "step 4" in partial.message
+  resumed = _train(tmp_path / "cut", 6, resume=True)
+  _assert_same_params(resumed.params, full.params)
+  assert [_without_time(r) for r in resumed.evals] == [_without_time(r) for r in full.evals]
+
+
+def test_checkpoint_with_non_finite_metrics_is_strict_json_and_round_trips(tmp_path):
+  path = tmp_path / "c.npz"
+  extra = {"evals": [{"loss": 1.5, "accuracy": math.nan, "loss_ci95": math.inf}]}
+  runs.save_checkpoint(path, {"w": jnp.ones(2)}, step=3, extra=extra)
+  with np.load(path) as data:
+    text = bytes(data["__meta__"]).decode()
+  assert "NaN" not in text and "Infinity" not in text
+  json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON literal {c}"))
+  step, _, back = runs.load_checkpoint(path, {"w": jnp.ones(2)})
+  record = back["evals"][0]
+  assert step == 3 and record["loss"] == 1.5 and math.isnan(record["accuracy"])
+  assert record["loss_ci95"] == math.inf
+
+
+def test_truncated_checkpoint_is_reported_as_corrupt(tmp_path):
+  path = tmp_path / meta.train.CHECKPOINT_NAME
+  runs.save_checkpoint(path, {"w": jnp.ones(2)}, step=3)
+  path.write_bytes(path.read_bytes()[:200])
+  with pytest.raises(runs.CorruptCheckpointError, match=f"checkpoint {path} is corrupt.*delete"):
+    runs.load_checkpoint(path, {"w": jnp.ones(2)})
+  # meta_train does not mistake it for a checkpoint of other settings.
+  with pytest.raises(runs.CorruptCheckpointError):
+    _train(tmp_path, 2, resume=True)
 
 
 def _without_time(record):
@@ -220,8 +271,9 @@ def test_meta_train_refuses_one_class_support_sets():
 
 
 def test_k_shot_larger_than_a_class_holds_is_refused_by_the_recipe():
-  with pytest.raises(SystemExit, match="exceeds the"):
+  with pytest.raises(SystemExit, match="ntk-dynamics meta: error: .*exceeds the") as e:
     cli.main(["meta", "--task", "digits", "--k-shot", "500", "--meta-steps", "1"])
+  assert e.value.code == 2
   with pytest.raises(SystemExit, match="positive"):
     cli.main(["meta", "--meta-batch", "0"])
   with pytest.raises(SystemExit, match="--resume needs --out"):
@@ -252,6 +304,12 @@ def test_evaluate_reports_accuracy_for_classification():
     meta.evaluate(meta.ntk_ridge(f), params, pool, num_tasks=6)
 
 
+def _strict_json(path):
+  return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path}: {c}"))
+
+
+
+
 def test_recipe_writes_its_files_and_resumes(tmp_path, capsys):
   out = tmp_path / "run"
   common = ["meta", "--inner", "ntk_steps", "--meta-batch", "2", "--width", "8",
@@ -260,10 +318,96 @@ def test_recipe_writes_its_files_and_resumes(tmp_path, capsys):
   for name in ("metrics.json", "learning_curve.png", "results.md", "checkpoint.npz"):
     assert (out / name).exists(), name
   assert cli.main(common + ["--meta-steps", "4", "--resume"]) == 0
-  metrics = json.loads((out / "metrics.json").read_text())
+  metrics = _strict_json(out / "metrics.json")  # sinusoid accuracy is NaN: null in the file
   assert metrics["status"] == "completed" and metrics["final"]["meta_steps"] == 4
   assert [e["step"] for e in metrics["evals"]] == [0, 2, 4]
+  assert metrics["final"]["accuracy"] is None
+  assert metrics["non_finite"]["/final/accuracy"] == "nan"
+  assert math.isnan(runs.read_json(out / "metrics.json")["evals"][0]["accuracy"])
   assert "| sinusoid 5-shot | ntk_steps k=1" in capsys.readouterr().out
+
+  # Fewer steps than the checkpoint holds, other settings, a damaged checkpoint: one line each.
+  err = usage_error(common + ["--meta-steps", "3", "--resume"], capsys)
+  assert "at meta-step 4, past the 3 meta-steps" in err
+  err = usage_error(common + ["--meta-steps", "4", "--meta-batch", "3", "--resume"], capsys)
+  assert "different settings" in err
+  ckpt = out / "checkpoint.npz"
+  ckpt.write_bytes(ckpt.read_bytes()[:300])
+  err = usage_error(common + ["--meta-steps", "4", "--resume"], capsys)
+  assert f"checkpoint {ckpt} is corrupt" in err and "delete it" in err
+
+
+def test_recipe_interrupted_writes_metrics_and_resumes(tmp_path, monkeypatch, capsys):
+  out = tmp_path / "run"
+  common = ["meta", "--inner", "ntk_steps", "--meta-batch", "2", "--width", "8",
+            "--eval-every", "2", "--eval-tasks", "6", "--meta-steps", "6", "--out", str(out),
+            "--no-progress"]
+  real, calls = runs.save_checkpoint, []
+
+  def save_then_interrupt(*args, **kwargs):
+    real(*args, **kwargs)
+    calls.append(kwargs["step"])
+    if len(calls) == 2:  # Ctrl-C right after the step-4 checkpoint
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(runs, "save_checkpoint", save_then_interrupt)
+  assert cli.main(common) == 130
+  metrics = _strict_json(out / "metrics.json")
+  assert metrics["status"] == "interrupted" and metrics["step"] == 4
+  assert metrics["checkpoint_step"] == 4 and [e["step"] for e in metrics["evals"]] == [0, 2, 4]
+  assert metrics["config"]["meta_steps"] == 6 and metrics["train_log"]
+  err = capsys.readouterr().err
+  assert "interrupted after meta-step 4 of 6" in err and "--resume" in err
+  assert f"{out}/checkpoint.npz holds meta-step 4" in err
+  monkeypatch.setattr(runs, "save_checkpoint", real)
+  assert cli.main(common + ["--resume"]) == 0
+  metrics = _strict_json(out / "metrics.json")
+  assert metrics["status"] == "completed" and [e["step"] for e in metrics["evals"]] == [
+      0, 2, 4, 6]
+
+
+def test_recipe_sigint_in_a_subprocess(tmp_path):
+  """A real Ctrl-C (SIGINT) mid-run: exit status 130, metrics.json says where it stopped."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  out = tmp_path / "run"
+  cmd = [sys.executable, "-m", "recipes.cli", "meta", "--inner", "ntk_steps", "--meta-batch",
+         "2", "--width", "8", "--eval-every", "2", "--eval-tasks", "4", "--meta-steps",
+         "1000000", "--out", str(out), "--no-progress"]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.npz").exists():
+      assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, err
+  metrics = _strict_json(out / "metrics.json")
+  assert metrics["status"] == "interrupted" and metrics["step"] >= 2
+  assert metrics["evals"][0]["step"] == 0 and metrics["checkpoint_step"] >= 2
+  assert "Traceback" not in err and "--resume" in err
+
+
+def test_recipe_refuses_nonsense_values(capsys):
+  for argv, expected in (
+      (["--checkpoint-every", "0"], "argument --checkpoint-every: must be a positive"),
+      (["--w-std", "0"], "argument --w-std: must be a finite number > 0"),
+      (["--w-std", "-1"], "argument --w-std"),
+      (["--eval-every", "-3"], "argument --eval-every"),
+      (["--meta-lr", "inf"], "argument --meta-lr"),
+      (["--task", "digits", "--n-way", "1"], "--n-way must be at least 2"),
+  ):
+    assert expected in usage_error(["meta", *argv], capsys)
 
 
 def test_recipe_selects_on_validation_digits_and_reports_both(tmp_path, capsys):

@@ -259,6 +259,49 @@ def test_parameter_inside_and_outside_jit_custom_rules_and_checkpoint():
                    reference(f, params, x1, x2, (), ()), TOL)
 
 
+def test_custom_rules_that_differ_from_the_body_are_respected():
+  # A straight-through estimator (custom_vjp) and a custom_jvp whose rule is not the body's
+  # derivative: the kernel must use the rules, as jax.jacrev (the reference) does.
+  @jax.custom_vjp
+  def quantize(z):
+    return jnp.round(4 * z) / 4
+
+  quantize.defvjp(lambda z: (quantize(z), None), lambda _, g: (g,))
+
+  @jax.custom_jvp
+  def clipped_scale(a, h):
+    return jnp.clip(a, 0.5, 2.0) * h
+
+  @clipped_scale.defjvp
+  def _(primals, tangents):
+    (a, h), (da, dh) = primals, tangents
+    return clipped_scale(a, h), 0.5 * da * h + jnp.clip(a, 0.5, 2.0) * dh
+
+  params = {"w": _normal(4, 5, scale=0.7), "a": _normal(5, scale=2.0), "v": _normal(5, 3)}
+
+  def f(p, x):
+    h = jnp.tanh(x @ quantize(p["w"]))
+    return clipped_scale(p["a"], h) @ p["v"]
+
+  x1, x2 = _normal(3, 4), _normal(2, 4)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")   # the rule's derivative is exact: no fallback warning
+    check(f, params, x1, x2, (), (), 0)
+    check(f, params, x1, None, (-1,), (), None)
+
+
+def test_fallback_through_linear_solve():
+  w = jnp.eye(3) * 2.0 + _normal(3, 3, scale=0.3)
+
+  def f(p, x):
+    return jnp.linalg.solve(p, x.T).T
+
+  x1, x2 = _normal(2, 3), _normal(4, 3)
+  with pytest.warns(UserWarning, match="STRUCTURED_DERIVATIVES"):
+    got = sd(f, w, x1, x2, (), (), 0)
+  zoo.assert_close(got, reference(f, w, x1, x2, (), ()), TOL)
+
+
 def test_parameter_used_twice_in_one_equation_and_through_reshapes():
   params = {"w": _normal(4, 6, scale=0.5), "a": _normal(6, scale=0.5),
             "m": _normal(2, 3, 4, scale=0.5)}

@@ -117,3 +117,24 @@ def test_one_hot():
     one_hot(np.array([0.0, 1.0]), 3)
   with pytest.raises(ValueError, match="`num_classes`"):
     one_hot(np.array([0]), 0)
+
+
+def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path, monkeypatch):
+  import tasks
+  from tasks import _sources
+
+  def cannot_prepare(name, split, data_dir):
+    raise ModuleNotFoundError("No module named 'importlib_resources'")
+
+  monkeypatch.setattr(_sources.tfds, "data_source", cannot_prepare)
+  empty = tmp_path / "empty"
+  with pytest.raises(tasks.DatasetNotPreparedError,
+                     match=rf"'mnist' is not prepared in {empty} .*ModuleNotFoundError.*"
+                           rf"tfds build mnist --data_dir {empty}"):
+    load_dataset("tfds:mnist", data_dir=str(empty), n_train=4)
+  # A prepared dataset that fails to open keeps its own error.
+  (tmp_path / "ready" / "mnist" / "3.0.1").mkdir(parents=True)
+  (tmp_path / "ready" / "mnist" / "3.0.1" / "dataset_info.json").write_text("{}")
+  assert _sources.is_prepared("mnist", str(tmp_path / "ready"))
+  with pytest.raises(ModuleNotFoundError):
+    load_dataset("tfds:mnist", data_dir=str(tmp_path / "ready"), n_train=4)

@@ -98,8 +98,9 @@ def test_rotations_need_square_images():
 def test_any_valid_sizes_give_valid_tasks(sizes, data):
   y = np.repeat(np.arange(len(sizes)), sizes)
   x = np.arange(len(y) * 9, dtype=np.int32).reshape(len(y), 3, 3, 1)
-  rotations = data.draw(st.booleans())
-  n_way = data.draw(st.integers(1, len(sizes) * (4 if rotations else 1)))
+  # One class makes only 1-way tasks, refused, unless rotations turn it into 4.
+  rotations = data.draw(st.booleans()) if len(sizes) > 1 else True
+  n_way = data.draw(st.integers(2, len(sizes) * (4 if rotations else 1)))
   k_shot = data.draw(st.integers(1, max(1, min(sizes) - 1)))
   k_query = data.draw(st.integers(1, max(1, min(sizes) - k_shot)))
   arguments = {"n_way": n_way, "k_shot": k_shot, "k_query": k_query, "rotations": rotations}
@@ -129,11 +130,13 @@ def test_ordered_class_choices_are_uniform(images):
 
 
 def test_support_query_image_choices_are_uniform():
-  x = np.arange(5 * 4, dtype=np.uint8).reshape(5, 2, 2, 1)
-  batch = FewShotSampler(x, np.zeros(5, int), n_way=1, k_shot=1, k_query=1).sample(4, 4000)
+  # Two classes of 5 images; label 0's support and query image are 2 distinct images of one.
+  x = np.arange(10 * 4, dtype=np.uint8).reshape(10, 2, 2, 1)
+  y = np.repeat([0, 1], 5)
+  batch = FewShotSampler(x, y, n_way=2, k_shot=1, k_query=1).sample(4, 8000)
   pairs = zip(batch["support"][0][:, 0, 0, 0, 0], batch["query"][0][:, 0, 0, 0, 0])
   counts = collections.Counter(pairs)
-  assert len(counts) == 5 * 4  # ordered pairs of distinct images
+  assert len(counts) == 2 * 5 * 4  # ordered pairs of distinct images of the same class
   assert scipy.stats.chisquare(list(counts.values())).pvalue > P_MIN
 
 
@@ -186,9 +189,9 @@ def test_from_mapping(images):
   batch = sampler.sample(0, 10)
   _check_batch(batch, x, np.searchsorted(list(CLASS_SIZES), y), 1.0, 6, 2, 2)
   with pytest.raises(ValueError, match="images_by_class"):
-    FewShotSampler.from_mapping({}, n_way=1, k_shot=1, k_query=1)
+    FewShotSampler.from_mapping({}, n_way=2, k_shot=1, k_query=1)
   with pytest.raises(ValueError, match="images_by_class"):
-    FewShotSampler.from_mapping({0: x[:3], 1: x[:3, :5]}, n_way=1, k_shot=1, k_query=1)
+    FewShotSampler.from_mapping({0: x[:3], 1: x[:3, :5]}, n_way=2, k_shot=1, k_query=1)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -198,6 +201,7 @@ def test_from_mapping(images):
     ({"k_shot": 3, "k_query": 3}, r"exceeds the 5 images held by class 10.*at most 5"),
     ({"k_shot": 4, "k_query": 4, "classes": [12, 13]}, r"exceeds the 7 images held by class 12"),
     ({"n_way": 0}, "n_way"),
+    ({"n_way": 1}, r"`n_way` must be at least 2, got 1"),
     ({"k_shot": 0}, "k_shot"),
     ({"k_query": -1}, "k_query"),
     ({"num_tasks": 0}, "num_tasks"),
@@ -259,6 +263,8 @@ def test_digits_source_default_split():
     source.sampler("test", n_way=5, k_shot=1, k_query=1, rotations=False)
   with pytest.raises(ValueError, match=r"`split` must be one of \['test', 'train'\]"):
     source.sampler("validation", n_way=2, k_shot=1, k_query=1)
+  with pytest.raises(ValueError, match=r"`n_way` must be at least 2, got 1"):
+    source.sampler("train", n_way=1, k_shot=1, k_query=1)  # a 1-way task is always right
 
 
 def test_digits_source_with_validation_and_bad_splits():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import operator
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -44,6 +45,58 @@ def check_scalar(fn: str, name: str, value: Any, *, positive: bool = False,
     raise ValueError(f"{fn}: `{name}` must be a finite scalar {bound}, got {v!r}.")
 
 
+def check_int(fn: str, name: str, value: Any, *, minimum: int = 1) -> int:
+  """Returns `value` as a Python int if it is an integral scalar >= `minimum`: a Python int,
+  a numpy integer or a 0-d integer array (numpy or concrete jax); raises otherwise."""
+  dtype = getattr(value, "dtype", None)
+  is_bool = isinstance(value, (bool, np.bool_)) or (dtype is not None and
+                                                    np.dtype(dtype) == np.bool_)
+  try:
+    v = None if is_bool or np.ndim(value) != 0 else operator.index(value)
+  except TypeError:  # floats, non-integer arrays, tracers
+    v = None
+  if v is None or v < minimum:
+    kind = "positive" if minimum == 1 else f">= {minimum}"
+    shown = f"{value!r}" if np.ndim(value) == 0 else f"an array of shape {np.shape(value)}"
+    raise ValueError(f"{fn}: `{name}` must be a {kind} integer (a Python int, numpy integer "
+                     f"or 0-d integer array), got {shown}.")
+  return int(v)
+
+
+def psd_tolerance(dim: int, dtype: Any) -> float:
+  """Relative tolerance below 0 for the smallest eigenvalue of a PSD kernel computed at
+  precision `dtype`: max(10·A·eps, √eps) (rounding of J Jᵀ and of the eigensolver)."""
+  eps = float(np.finfo(np.dtype(dtype) if np.issubdtype(np.dtype(dtype), np.floating)
+                       else np.float64).eps)
+  return max(10. * dim * eps, math.sqrt(eps))
+
+
+def check_psd(fn: str, name: str, shape: tuple, evals: Any, dtype: Any,
+              absolute_error: float = 0.) -> None:
+  """Raises if concrete eigenvalues of a kernel show it is not positive semi-definite.
+
+  A kernel fails when its smallest eigenvalue is below −tol·λ_max (tol = `psd_tolerance`,
+  plus `absolute_error` for eigenvalues recovered by a shift), or when λ_max ≤ 0 although
+  some eigenvalue is negative. Skipped for tracers (under `jax.jit`).
+  """
+  if not is_concrete(evals):
+    return
+  lam = np.asarray(evals, np.float64)
+  if lam.size == 0:
+    return
+  lo, hi = float(np.min(lam)), float(np.max(lam))
+  tol = psd_tolerance(lam.size, dtype)
+  bound = -(tol * max(hi, 0.) + absolute_error)
+  if lo < 0 and lo < bound:
+    why = (f"its largest eigenvalue {hi:.6g} is <= 0 although the kernel is nonzero"
+           if hi <= 0 else f"the smallest is below the tolerance -tol·λ_max = {bound:.3g}")
+    raise ValueError(
+        f"{fn}: `{name}` (shape {shape}) is not positive semi-definite: its eigenvalues range "
+        f"from {lo:.6g} to {hi:.6g}; {why} (tol = max(10·A·eps, √eps) = {tol:.3g} for "
+        f"A = {lam.size} and {np.dtype(dtype).name}). A neural tangent kernel Θ = J Jᵀ has no "
+        "negative eigenvalues beyond rounding; pass Θ(x_train, x_train).")
+
+
 def check_symmetric(fn: str, name: str, matrix: jax.Array, shape: tuple) -> None:
   """Raises if a concrete flattened kernel is not symmetric up to rounding."""
   if not is_concrete(matrix):
@@ -63,18 +116,16 @@ def check_symmetric(fn: str, name: str, matrix: jax.Array, shape: tuple) -> None
 def check_times(fn: str, name: str, t: jax.Array, *, integer: bool) -> jax.Array:
   """Validates times/step counts (non-negative, finite, integer-valued if `integer`)."""
   t = jnp.asarray(t)
-  if integer and not jnp.issubdtype(t.dtype, jnp.integer) and is_concrete(t):
-    values = np.asarray(t)
-    if not np.all(np.isfinite(values) & (values == np.round(values))):
-      raise ValueError(f"{fn}: `{name}` counts gradient steps and must be integer-valued, got "
-                       f"an array of shape {values.shape} with non-integer entries (e.g. "
-                       f"{values[values != np.round(values)].ravel()[:3]}).")
   if is_concrete(t):
     values = np.asarray(t)
     bad = ~np.isfinite(values) | (values < 0) if values.dtype.kind == "f" else values < 0
     if np.any(bad):
       raise ValueError(f"{fn}: `{name}` (shape {values.shape}) must be finite and >= 0; got "
                        f"{values[bad].ravel()[:3]}.")
+    if integer and values.dtype.kind == "f" and not np.all(values == np.round(values)):
+      raise ValueError(f"{fn}: `{name}` counts gradient steps and must be integer-valued, got "
+                       f"an array of shape {values.shape} with non-integer entries (e.g. "
+                       f"{values[values != np.round(values)].ravel()[:3]}).")
   if integer and not jnp.issubdtype(t.dtype, jnp.integer):
     return jnp.round(t).astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
   if not integer and not jnp.issubdtype(t.dtype, jnp.floating):
@@ -92,6 +143,9 @@ class Layout:
   def create(cls, fn: str, y_train: Any, trace_axes: Axes) -> "Layout":
     shape = tuple(np.shape(y_train))
     ndim = len(shape)
+    if ndim == 0:
+      raise ValueError(f"{fn}: `y_train` must have at least one axis (the examples), got shape "
+                       f"{shape} (a scalar); pass targets shaped (n,) or (n, k).")
     axes = (trace_axes,) if isinstance(trace_axes, numbers.Integral) else tuple(trace_axes)
     if any(not isinstance(a, numbers.Integral) or not -ndim <= a < ndim for a in axes):
       raise ValueError(f"{fn}: `trace_axes` {trace_axes!r} must be integers in [-{ndim}, "

@@ -62,6 +62,9 @@ __all__ = ["Comparison", "Curves", "Prediction", "Training", "UntrustedPredictio
 
 # Thresholds of `compare_curves`' warnings.
 DRIFT_THRESHOLD = 0.1
+# Gradient descent on the MSE of a linearized model never raises the loss below η_max; a rise
+# by this factor means the run diverged (or is in a catapult spike).
+DIVERGENCE_FACTOR = 10.0
 DEFAULT_LR_FRACTION = 0.5
 
 
@@ -317,30 +320,47 @@ def sgd_hyperparameters(optimizer: optax.GradientTransformation,
 
   The optimizer is probed on scalar stand-ins with `params`' tree structure with the gradient
   sequence 1, 0, then arbitrary values: plain SGD answers −η, −ηm, and the heavy-ball
-  recurrence afterwards. Anything else (Nesterov, schedules, weight decay, clipping, Adam...)
-  fails the check: the closed forms model only `optax.sgd(η, momentum=m)`.
+  recurrence afterwards; the same sequence scaled by 10⁶ must give updates scaled by 10⁶
+  (clipping and adaptive steps fail that). A state holding a schedule (`ScaleByScheduleState`,
+  or a schedule inside `inject_hyperparams`) is refused outright, since a probe of a few steps
+  cannot see a later change. Anything else (Nesterov, weight decay, Adam...) fails the check:
+  the closed forms model only `optax.sgd(η, momentum=m)`.
 
   Returns:
     (learning_rate, momentum).
   """
   grads = [1.0, 0.0, 0.37, -1.3, 2.1, 0.5, -0.8]
+  scale = 1e6
   dtype = jnp.result_type(float)
   probe = jax.tree.map(lambda _: jnp.ones((), dtype), params)
-  try:
+
+  def run(factor: float) -> list[float]:
     state = optimizer.init(probe)
+    if _holds_schedule(state):
+      raise ValueError("its state holds a learning-rate schedule")
     updates, p = [], probe
     for g in grads:
-      u, state = optimizer.update(jax.tree.map(lambda x: jnp.full((), g, dtype), probe),
-                                  state, p)
+      u, state = optimizer.update(
+          jax.tree.map(lambda x: jnp.full((), factor * g, dtype), probe), state, p)
       p = optax.apply_updates(p, u)
       leaves = [float(v) for v in jax.tree.leaves(u)]
       if max(leaves) - min(leaves) > 1e-6 * max(1., max(abs(v) for v in leaves)):
         raise ValueError("the update differs between parameter leaves")
       updates.append(leaves[0])
+    return updates
+
+  try:
+    updates, scaled = run(1.), run(scale)
   except Exception as e:  # noqa: BLE001 - reported with the reason
     raise ValueError(f"could not read a learning rate and momentum from `optimizer` "
                      f"({type(e).__name__}: {e}); the predictions model "
                      "optax.sgd(learning_rate, momentum) only.") from e
+  if not np.allclose(scaled, scale * np.asarray(updates), rtol=1e-4,
+                     atol=1e-7 * scale * max(abs(u) for u in updates)):
+    raise ValueError(
+        f"`optimizer`'s updates are not linear in the gradient (probe updates {updates}, "
+        f"with gradients ×{scale:g}: {scaled}): clipping or adaptive steps; the predictions "
+        "model optax.sgd(learning_rate, momentum) only.")
   lr = -updates[0]
   momentum = updates[1] / updates[0] if lr != 0 else 0.
   v, expected = 0., []
@@ -355,6 +375,14 @@ def sgd_hyperparameters(optimizer: optax.GradientTransformation,
         f"read η={lr:.6g}, m={momentum:.6g}); the predictions model optax.sgd(learning_rate, "
         "momentum) only (no Nesterov, schedules, weight decay, clipping or adaptive steps).")
   return float(lr), float(momentum)
+
+
+def _holds_schedule(state: Any) -> bool:
+  schedule_states = (optax.ScaleByScheduleState, optax.InjectStatefulHyperparamsState)
+  nodes = jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, schedule_states))
+  return any(isinstance(n, optax.ScaleByScheduleState)
+             or (isinstance(n, optax.InjectStatefulHyperparamsState) and n.hyperparams_states)
+             for n in nodes)
 
 
 def _resolve_lr(learning_rate: Optional[float], lr_fraction: Optional[float],
@@ -443,6 +471,11 @@ def _predict(f, params, data, fx_train_0, fx_test_0, *, loss, steps_at, learning
 
   def matvec(v):
     return (matrix @ v.reshape(a, -1)).reshape(v.shape)
+
+  if not full and data.y_train.shape[1] > 1:
+    # λ_max(Θ_tr) ≤ λ_max(Θ): the traced kernel's step limit can exceed the real linearized
+    # network's, so η_max comes from the full kernel, by NTK-vector products (never formed).
+    matvec = kernels_api.ntk_vp_fn(f, data.x_train, None, params)
 
   lr_max = float(stability.max_learning_rate(matvec, size, momentum,
                                              vector_shape=data.y_train.shape))
@@ -784,10 +817,17 @@ def compare_curves(model: Any, data: Any, *, params: Optional[PyTree] = None,
 
   metrics = agreement_metrics(prediction.curves, training.curves,
                               fx_train_0=prediction.fx_train_0, fx_test_0=prediction.fx_test_0)
-  if not (np.all(np.isfinite(training.curves.train_loss))
+  train_loss = np.asarray(training.curves.train_loss, np.float64)
+  if not (np.all(np.isfinite(train_loss))
           and np.all(np.isfinite(training.curves.test_loss))):
     _warn("training diverged (non-finite loss); the prediction is meaningless at this "
           f"learning rate (η/η_max = {prediction.lr_ratio:.3g}).", collected)
+  elif np.max(train_loss) > DIVERGENCE_FACTOR * train_loss[0]:
+    step = int(np.asarray(training.curves.steps)[np.argmax(train_loss)])
+    _warn(f"training diverged: the training loss rose from {train_loss[0]:.4g} to "
+          f"{np.max(train_loss):.4g} (step {step}), more than {DIVERGENCE_FACTOR:g}× its "
+          f"initial value; the prediction is meaningless at this learning rate "
+          f"(η/η_max = {prediction.lr_ratio:.3g}).", collected)
 
   t0 = time.perf_counter()
   d = data_.x_train.shape[0] if drift_examples is None else min(drift_examples,

@@ -8,8 +8,10 @@ training gradients, θ_t − θ₀ = −Jᵀ a_t, so predictions are
 
 and a_t is diagonal in Θ's eigenbasis: a_t = (η/N) Σ_v g(s, t) v vᵀ (f_train(0) − y). The
 functions below return the *response* g(s, t) (so G = (η/N) g is the gain of the spectral
-core). Along a mode the train residual is multiplied by 1 − s g. None of them divides by s, so
-zero eigenvalues (g = t for flow and steps) and repeated or complex roots need no special case.
+core). Along a mode the train residual is multiplied by 1 − s g. None of them divides by an s
+that can vanish, so zero eigenvalues (g = t for flow and steps) need no special case, and all
+are jittable and reverse-differentiable with finite gradients (`steps` only in forward mode:
+its trip count is traced).
 
 Time is in units of steps throughout (t = number of steps of size η; fractional for flows).
 """
@@ -18,15 +20,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Taylor degree for exp(Y) once ‖Y‖₁ ≤ 1/2: the remainder 0.5¹⁷/17! is below 1e-20.
-_TAYLOR_DEGREE = 16
+# Terms of the series in `heavy_ball_flow` (arguments of modulus ≤ 1): remainder < 1e-20.
+_SERIES_TERMS = 22
 
 
 def flow(s: jax.Array, t: jax.Array) -> jax.Array:
   """Gradient flow df/dτ = −Θ(f − y)/N at τ = η t.
 
-  g = (1 − e^{−st}) / s, written as t · h(st) with h(x) = −expm1(−x)/x, h(0) = 1 (accurate for
-  every x ≥ 0 because expm1 is).
+  g = (1 − e^{−st}) / s, written as t · h(−st) with h(x) = expm1(x)/x, h(0) = 1 (accurate for
+  every x because expm1 is; a Taylor series near 0 keeps h and its derivative exact there).
 
   Args:
     s: (A,) dimensionless rates ηλ/N.
@@ -35,9 +37,7 @@ def flow(s: jax.Array, t: jax.Array) -> jax.Array:
   Returns:
     (T, A) responses.
   """
-  x = s[None, :] * t[:, None]
-  safe = jnp.where(x == 0, 1., x)  # a second where keeps gradients finite at x = 0
-  return t[:, None] * jnp.where(x == 0, 1., -jnp.expm1(-safe) / safe)
+  return t[:, None] * _h1(-s[None, :] * t[:, None])
 
 
 def _step_matrix(s: jax.Array, momentum: float) -> jax.Array:
@@ -80,16 +80,45 @@ def steps(s: jax.Array, k: jax.Array, momentum: float = 0.) -> jax.Array:
   return state[..., 0]
 
 
+def _h1(x: jax.Array) -> jax.Array:
+  """(e^x − 1)/x, accurate for every real x (expm1), with its Taylor series near 0 so that
+  h1(0) = 1 and the derivative there (1/2) is right too."""
+  near = jnp.abs(x) < 1e-4
+  safe, small = jnp.where(near, 1., x), jnp.where(near, x, 0.)  # finite in both branches
+  taylor = 1. + small * (1. / 2 + small * (1. / 6 + small * (1. / 24 + small / 120)))
+  return jnp.where(near, taylor, jnp.expm1(safe) / safe)  # Taylor error < x⁵/720
+
+
+def _factorials(count: int) -> list:
+  out = [1.]
+  for k in range(1, count):
+    out.append(out[-1] * k)
+  return out
+
+
 def heavy_ball_flow(s: jax.Array, t: jax.Array, momentum: float) -> jax.Array:
   """Continuous limit of heavy-ball momentum (neural-tangents' convention).
 
   With τ = √η t and damping γ = (1 − m)/√η the parameters follow θ'' + γθ' = −∇L, θ'(0) = 0,
   the limit of v ← m v + ∇L, θ ← θ − η v for small η at fixed t·√η. Per mode the response
-  solves g'' + (1 − m) g' + s g = 1 (derivatives in steps t), g(0) = g'(0) = 0. In the
-  dimensionless state (g/t², g'/t, 1) at time 1 the generator is
-  Y = [[0, 1, 0], [−s t², −(1 − m) t, 1], [0, 0, 0]] and g = t² exp(Y)[0, 2], evaluated by
-  scaling and squaring with a Taylor series: exact for repeated roots (critical damping),
-  complex roots and s = 0 alike.
+  solves g'' + a g' + s g = 1 (derivatives in steps t, a = 1 − m), g(0) = g'(0) = 0, and the
+  residual factor φ = 1 − s g solves the homogeneous equation with φ(0) = 1, φ'(0) = 0. With
+  p = a t, q = s t² and the dimensionless roots ρ₁,₂ of ρ² + pρ + q = 0, g = t² exp[0, ρ₁, ρ₂]
+  (a divided difference of exp). It is evaluated in the regime where each form is well
+  conditioned, so that float32 stays accurate for any t, s ≥ 0 and a in (0, 1]:
+
+  * p ≤ 1 and q ≤ 1 (|ρ| ≤ 1): the Taylor series of exp[0, ρ₁, ρ₂] in the real coefficients
+    (p, q), exact for s = 0;
+  * real, well-separated roots (a² − 4s ≥ a²/9): g = t (h(ρ₁) − h(ρ₂)) / √(a² − 4s) with
+    h(x) = expm1(x)/x and ρ₁ = −2st/(a + √(a² − 4s)) (no cancellation: covers s = 0 and the
+    slow overdamped creep, where 1 − s g ≪ 1);
+  * otherwise (near-critical or complex roots, where 1 − φ is of order one):
+    φ = e^{−p/2}(C(w) + (p/2) S(w)) with w = (a²/4 − s)t², C = cosh √w and S = sinh(√w)/√w
+    (cos and sinc for w < 0, their series for |w| < 1, so critical damping needs no special
+    case), and g = (1 − φ)/s.
+
+  No branch divides by s where s can vanish, and every branch is fed safe arguments where it is
+  not selected, so values and reverse-mode gradients stay finite.
 
   Args:
     s: (A,) dimensionless rates ηλ/N.
@@ -99,24 +128,60 @@ def heavy_ball_flow(s: jax.Array, t: jax.Array, momentum: float) -> jax.Array:
   Returns:
     (T, A) responses.
   """
-  damping = jnp.broadcast_to(((1. - momentum) * t)[:, None], (t.size, s.size))
-  stiffness = s[None, :] * (t**2)[:, None]
-  zero, one = jnp.zeros_like(stiffness), jnp.ones_like(stiffness)
-  y = jnp.stack([jnp.stack([zero, one, zero], -1),
-                 jnp.stack([-stiffness, -damping, one], -1),
-                 jnp.stack([zero, zero, zero], -1)], -2)
-  norm = jnp.maximum(stiffness, 1. + damping)  # ‖Y‖₁: the largest column sum
-  squarings = jnp.maximum(jnp.ceil(jnp.log2(2. * norm)), 0.).astype(jnp.int32)
-  y = y / jnp.exp2(squarings.astype(y.dtype))[..., None, None]
-  eye = jnp.eye(3, dtype=y.dtype)
+  s2, t2 = s[None, :], t[:, None]
+  dtype = jnp.result_type(s2, t2)
+  s2, t2 = s2.astype(dtype), t2.astype(dtype)
+  shape = (t.size, s.size)
+  a = (1. - jnp.asarray(momentum)).astype(dtype)
+  aa = a * a
+  p = jnp.broadcast_to(a * t2, shape)
+  q = s2 * (t2 * t2)  # only compared, never differentiated
+  disc = aa - 4. * s2  # (1, A): a² − 4s; ≥ 0 for real roots
+  small = (p <= 1.) & (q <= 1.)
+  separated = ~small & (9. * disc >= aa)
+  other = ~small & ~separated
 
-  def horner(i, e):  # I + Y(I + Y/2(I + Y/3(...))), innermost term first
-    return eye + (y @ e) / (_TAYLOR_DEGREE - i).astype(y.dtype)
+  # |ρ| ≤ 1: exp[0, ρ₁, ρ₂] = Σ_n h_n/(n+2)! with h_n = −p h_{n−1} − q h_{n−2}, h₀ = 1.
+  ts = jnp.where(small, t2, 0.)
+  ps, qs = a * ts, jnp.where(small, s2, 0.) * ts * ts
+  fact = _factorials(_SERIES_TERMS + 2)
+  h_prev, h = jnp.ones_like(ps), -ps
+  series = 1. / fact[2] + h / fact[3]
+  for n in range(2, _SERIES_TERMS):
+    h_prev, h = h, -ps * h - qs * h_prev
+    series = series + h / fact[n + 2]
+  g_small = ts * ts * series
 
-  expm = jax.lax.fori_loop(0, _TAYLOR_DEGREE, horner, jnp.broadcast_to(eye, y.shape))
+  # Real roots, well separated.
+  d = jnp.sqrt(jnp.where(separated, disc, aa))
+  s_sep = jnp.where(separated, s2, 0.)
+  rho1 = -2. * s_sep / (a + d) * t2
+  rho2 = -0.5 * (a + d) * t2
+  g_separated = t2 * (_h1(rho1) - _h1(rho2)) / d
 
-  def square(i, e):
-    return jnp.where((i < squarings)[..., None, None], e @ e, e)
+  # Near-critical or complex roots: g = (1 − φ)/s, s ≥ 2a²/9 > 0 here.
+  s_o = jnp.where(other, s2, 0.25 * aa)
+  t_o = jnp.where(other, t2, 0.)
+  half_p = 0.5 * a * t_o
+  mu = 0.25 * aa - s_o  # w = μ t², formed only where |w| < 1 (t² may overflow)
+  root_w = jnp.sqrt(jnp.abs(mu)) * t_o  # √|w|, only compared
+  pos, neg = (mu > 0) & (root_w >= 1.), (mu < 0) & (root_w >= 1.)
+  mid = ~pos & ~neg
+  x_pos = jnp.where(pos, jnp.sqrt(jnp.where(pos, mu, 1.)) * t_o, 1.)
+  up, down = jnp.exp(x_pos - half_p), jnp.exp(-x_pos - half_p)  # x < p/6 here: no overflow
+  c_pos, s_pos = 0.5 * (up + down), 0.5 * (up - down) / x_pos
+  x_neg = jnp.where(neg, jnp.sqrt(jnp.where(neg, -mu, 1.)) * t_o, 1.)
+  decay = jnp.exp(-half_p)
+  c_neg, s_neg = decay * jnp.cos(x_neg), decay * jnp.sin(x_neg) / x_neg
+  t_mid = jnp.where(mid, t_o, 0.)
+  w_mid = jnp.where(mid, mu, 0.) * t_mid * t_mid
+  c_mid, s_mid, power = jnp.zeros_like(w_mid), jnp.zeros_like(w_mid), jnp.ones_like(w_mid)
+  for k in range(_SERIES_TERMS // 2):
+    c_mid, s_mid = c_mid + power / fact[2 * k], s_mid + power / fact[2 * k + 1]
+    power = power * w_mid
+  c = jnp.where(pos, c_pos, jnp.where(neg, c_neg, decay * c_mid))
+  sh = jnp.where(pos, s_pos, jnp.where(neg, s_neg, decay * s_mid))
+  phi = c + half_p * sh
+  g_other = (1. - phi) / s_o
 
-  expm = jax.lax.fori_loop(0, jnp.max(squarings, initial=0), square, expm)
-  return (t**2)[:, None] * expm[..., 0, 2]
+  return jnp.where(small, g_small, jnp.where(separated, g_separated, g_other))

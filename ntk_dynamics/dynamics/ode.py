@@ -69,8 +69,7 @@ def gradient_descent(loss: Loss, k_train_train: Any, y_train: Any, learning_rate
     _inputs.check_scalar(fn, "momentum", momentum, upper=1.)
   _inputs.check_scalar(fn, "rtol", rtol, positive=True)
   _inputs.check_scalar(fn, "atol", atol, positive=True)
-  if not isinstance(max_steps, int) or max_steps <= 0:
-    raise ValueError(f"{fn}: `max_steps` must be a positive integer, got {max_steps!r}.")
+  max_steps = _inputs.check_int(fn, "max_steps", max_steps)
   layout = _inputs.Layout.create(fn, y_train, trace_axes)
   k_matrix = layout.train_kernel(fn, "k_train_train", k_train_train)
   dtype = jnp.result_type(k_matrix.dtype, jnp.asarray(y_train).dtype, float)

@@ -89,23 +89,51 @@ def max_learning_rate(k_train_train: Union[jax.Array, Matvec], y_train_size: int
   diverges. Pass the regularised kernel Θ + ρI if you use `diag_reg`.
 
   Args:
-    k_train_train: kernel on the training set in the zipped layout (traced (n, n) means
-      Θ ⊗ I, which has the same λ_max) or a matrix-free `v -> Θ v`.
-    y_train_size: N, the number of entries the loss is averaged over (`y_train.size`).
+    k_train_train: kernel on the training set in the zipped layout, or a matrix-free
+      `v -> Θ v`. A traced (n, n) kernel stands for Θ_tr ⊗ I, whose λ_max is a lower bound on
+      the full kernel's (2–3× lower at finite width is common): its η_max is that of the
+      infinite-width approximation, not a stable step of the network's linearization. Pass
+      the full kernel (or `ntk_vp_fn`) for that.
+    y_train_size: N, the number of entries the loss is averaged over (`y_train.size`): any
+      integral scalar (Python int, numpy integer, 0-d integer array).
     momentum: m in [0, 1).
     vector_shape: shape of v for a matrix-free kernel (e.g. `y_train.shape`).
     eps: added to λ_max to avoid dividing by zero for an all-zero kernel.
 
   Returns:
-    Scalar η_max.
+    Scalar η_max. A concrete dense kernel must be symmetric and positive semi-definite up to
+    rounding (smallest eigenvalue ≥ −max(10·A·eps, √eps)·λ_max), else ValueError.
   """
   fn = "max_learning_rate"
-  if not isinstance(y_train_size, (int, np.integer)) or y_train_size <= 0:
-    raise ValueError(f"{fn}: `y_train_size` must be a positive integer (y_train.size), got "
-                     f"{y_train_size!r}.")
+  y_train_size = _inputs.check_int(fn, "y_train_size", y_train_size)
   _inputs.check_scalar(fn, "momentum", momentum, upper=1.)
-  lam = largest_eigenvalue(k_train_train, vector_shape=vector_shape)
+  if callable(k_train_train):
+    lam = largest_eigenvalue(k_train_train, vector_shape=vector_shape)
+  else:
+    lam = _checked_largest_eigenvalue(fn, k_train_train)
   return 2. * (1. + momentum) * y_train_size / (jnp.maximum(lam, 0.) + eps)
+
+
+def _checked_largest_eigenvalue(fn: str, k_train_train: Any) -> jax.Array:
+  """λ_max of a dense kernel; a concrete one must be PSD (to rounding): all eigenvalues are
+  checked up to `DENSE_MAX_DIM` rows, only λ_max > 0 (for a nonzero kernel) above."""
+  matrix = _as_matrix(fn, k_train_train)
+  check_finite("k_train_train", matrix)
+  shape = tuple(jnp.shape(k_train_train))
+  if not _inputs.is_concrete(matrix):
+    return jnp.linalg.eigvalsh(matrix)[-1]
+  _inputs.check_symmetric(fn, "k_train_train", matrix, shape)
+  if matrix.shape[0] <= DENSE_MAX_DIM:
+    evals = jnp.linalg.eigvalsh(matrix)
+    _inputs.check_psd(fn, "k_train_train", shape, evals, matrix.dtype)
+    return evals[-1]
+  lam = largest_eigenvalue(k_train_train)
+  if float(lam) <= 0 and bool(jnp.any(matrix != 0)):
+    raise ValueError(f"{fn}: `k_train_train` (shape {shape}) is not positive semi-definite: "
+                     f"its largest eigenvalue {float(lam):.6g} is <= 0 although the kernel is "
+                     "nonzero. A neural tangent kernel Θ = J Jᵀ has no negative eigenvalues "
+                     "beyond rounding; pass Θ(x_train, x_train).")
+  return lam
 
 
 def warn_if_unstable(fn: str, learning_rate: float, momentum: float, lambda_max: jax.Array,

@@ -218,6 +218,14 @@ def search_init_scales(model: Any, params: PyTree, x: PyTree, *,
     raise ValueError(f"{fn}: `bounds` must satisfy 0 < lo ≤ 1 ≤ hi < inf, got {bounds}.")
   if not isinstance(steps, int) or steps < 0:
     raise ValueError(f"{fn}: `steps` must be a non-negative int, got {steps!r}.")
+  if optimizer is None and not (isinstance(learning_rate, (int, float))
+                                and math.isfinite(learning_rate) and learning_rate > 0):
+    raise ValueError(f"{fn}: `learning_rate` must be a finite number > 0, got "
+                     f"{learning_rate!r}.")
+  if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+          and temperature >= 0):
+    raise ValueError(f"{fn}: `temperature` must be a finite number >= 0 (0: exact log κ), "
+                     f"got {temperature!r}.")
   f = _common.as_f(model, fn)
   _common.check_params(fn, params)
   out_shape = _common.output_shape(fn, f, params, x)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse.linalg
 
+from ntk_dynamics.dynamics import _inputs as _dyn_inputs
 from ntk_dynamics.init import _common
 from ntk_dynamics.kernels import NtkImplementation
 
@@ -98,14 +99,23 @@ def _condition(fn: str, lam_max: float, lam_min: float, dim: int, eps: float) ->
 
 def kernel_spectrum(kernel: Any, top_k: int = 10, *, name: str = "kernel_spectrum"
                     ) -> NtkSpectrum:
-  """Exact spectrum (float64 `eigh`) of a given kernel, zipped (N, N) or (N, N, K, K)."""
+  """Exact spectrum (float64 `eigh`) of a given kernel, zipped (N, N) or (N, N, K, K).
+
+  The kernel must be symmetric (max |K − Kᵀ| ≤ √eps₃₂ · max |K|) and positive semi-definite up
+  to rounding (λ_min ≥ −max(10·A·eps, √eps)·λ_max at the kernel's precision eps, and λ_max > 0
+  unless the kernel is zero); otherwise ValueError, with the figures.
+  """
   k_dtype = jnp.result_type(kernel) if hasattr(kernel, "dtype") else np.float64
-  eps = float(np.finfo(np.dtype(k_dtype) if jnp.issubdtype(k_dtype, jnp.floating)
-                       else np.float64).eps)
+  eps_dtype = np.dtype(k_dtype) if jnp.issubdtype(k_dtype, jnp.floating) else np.float64
+  eps = float(np.finfo(eps_dtype).eps)
   m = _common.kernel_matrix(kernel, name)
   if m.shape[0] == 0:
     raise ValueError(f"{name}: the kernel is empty (0 examples).")
+  shape = tuple(np.shape(kernel))
+  _dyn_inputs.check_symmetric(name, "kernel", _dyn_inputs.zipped_to_matrix(
+      np.asarray(kernel, np.float64)), shape)
   lam = _common.eigh(m, eigenvectors=False)
+  _dyn_inputs.check_psd(name, "kernel", shape, lam, eps_dtype)
   lam_max, lam_min = float(lam[-1]), float(lam[0])
   cond = _condition(name, lam_max, lam_min, m.shape[0], eps)
   tr = float(lam.sum())

@@ -101,7 +101,7 @@ def learning_rate_regime(factor: float) -> str:
 def spectral_learning_rate(model: Any, params: PyTree, x: PyTree, *, factor: float = 0.5,
                            momentum: float = 0., y_size: Optional[int] = None,
                            kernel: Any = None, method: str = "auto",
-                           trace_axes: Sequence[int] = (-1,),
+                           trace_axes: Sequence[int] = (),
                            implementation=NtkImplementation.AUTO,
                            vmap_axes: Any = 0) -> TweakResult:
   """η = c·η_max with η_max = 2(1+m)·N/λ_max(Θ) from `dynamics.max_learning_rate`.
@@ -111,6 +111,12 @@ def spectral_learning_rate(model: Any, params: PyTree, x: PyTree, *, factor: flo
   c < 1 is the lazy regime, 1 ≤ c < ≈2 the catapult regime, beyond that divergence (see
   `learning_rate_regime`). λ_max comes from the dense kernel (`kernel`, or formed with
   `empirical_ntk_fn`) or, with `method="lanczos"`, from `ntk_vp_fn` products only.
+
+  The default `trace_axes=()` uses the full (N·K, N·K) kernel, whose λ_max decides whether
+  the linearized network itself converges. A logit-traced kernel (`trace_axes=(-1,)`, or a
+  2-D `kernel` for K > 1 outputs) stands for Θ_tr ⊗ I, and λ_max(Θ_tr) ≤ λ_max(Θ) always, often
+  by 2–3× at finite width: its η_max is only that of the infinite-width approximation, and
+  c < 1 of it can still diverge. Such a kernel is accepted with a RuntimeWarning.
 
   Returns:
     TweakResult with the model and params unchanged and `learning_rate` = c·η_max.
@@ -122,8 +128,8 @@ def spectral_learning_rate(model: Any, params: PyTree, x: PyTree, *, factor: flo
   _common.check_params(fn, params)
   out_shape = _common.output_shape(fn, f, params, x)
   size = math.prod(out_shape) if y_size is None else y_size
+  traced = tuple(a % len(out_shape) for a in trace_axes)
   if kernel is None:
-    traced = tuple(a % len(out_shape) for a in trace_axes)
     dim = math.prod(s for i, s in enumerate(out_shape) if i not in traced)
     if method == "auto":
       method = "eigh" if dim <= spectrum_lib.DENSE_MAX_DIM else "lanczos"
@@ -132,6 +138,13 @@ def spectral_learning_rate(model: Any, params: PyTree, x: PyTree, *, factor: flo
                                   implementation=implementation, vmap_axes=vmap_axes)
     elif method != "lanczos":
       raise ValueError(f"{fn}: `method` must be 'auto', 'eigh' or 'lanczos', got {method!r}.")
+  else:
+    traced = (-1,) if jnp.ndim(kernel) == 2 and jnp.shape(kernel)[0] != size else ()
+  approximate = any(out_shape[a] > 1 for a in traced)
+  if approximate:
+    _common.warn(f"{fn}: λ_max of a logit-traced kernel (Θ_tr ⊗ I) is a lower bound on that "
+                 "of the full kernel, so η_max from it can make the linearized network "
+                 "diverge; use the full kernel (trace_axes=()) for a stable step.")
   if kernel is not None:
     eta_max = float(dynamics.max_learning_rate(jnp.asarray(kernel), size, momentum))
   else:
@@ -143,6 +156,7 @@ def spectral_learning_rate(model: Any, params: PyTree, x: PyTree, *, factor: flo
   report = {"tweak": "spectral_learning_rate", "lambda_max": lam_max, "y_size": size,
             "momentum": momentum, "eta_max": eta_max, "factor": factor, "learning_rate": lr,
             "regime": learning_rate_regime(factor),
+            "kernel": "traced (Θ_tr ⊗ I approximation)" if approximate else "full",
             "normalisation": "eta_max = 2(1+m) N / lambda_max, loss 0.5*mean((f-y)^2), "
                              "optax.sgd"}
   return TweakResult(f, params, report, learning_rate=lr)

@@ -42,6 +42,14 @@ EmpiricalKernel = collections.namedtuple("EmpiricalKernel", ["nngp", "ntk"])
 
 def _check_inputs(x1: PyTree, x2: Optional[PyTree],
                   vmap_axes: Optional[batching.VmapAxes]) -> None:
+  for name, x in (("x1", x1), ("x2", x2)):
+    axes = (None if x is None else [0] * len(jax.tree.leaves(x)) if vmap_axes is None
+            else vmap_axes.leaf_in_axes(x))
+    for leaf, ax in zip(jax.tree.leaves(x) if x is not None else [], axes or []):
+      shape = np.shape(leaf)
+      if ax is not None and len(shape) > ax and shape[ax] == 0:
+        raise ValueError(f"`{name}` has no examples: a leaf of shape {shape} is empty along "
+                         f"the batch axis {ax}.")
   if vmap_axes is not None:
     vmap_axes.batch_size(x1)
   if x2 is None:
@@ -155,6 +163,38 @@ def _ntk(f, params, x1, x2, kwargs, output_axes, vmap_axes, implementation,
   raise ValueError(f"Unknown implementation {implementation!r}.")
 
 
+def _per_side(f: Callable, x1: PyTree, x2: Optional[PyTree], kwargs: dict,
+              vmap_axes: Optional[batching.VmapAxes]):
+  """neural-tangents' kwargs convention: a kwarg given as a 2-tuple `(for_x1, for_x2)` is
+  split between the two sides. Such kwargs travel with the inputs, `x = (x, side_kwargs)`, so
+  every implementation sees one `f`. Returns (f, x1, x2, shared kwargs, vmap_axes)."""
+  sided = {k: v for k, v in kwargs.items() if isinstance(v, tuple) and len(v) == 2}
+  if not sided:
+    return f, x1, x2, kwargs, vmap_axes
+  shared = {k: v for k, v in kwargs.items() if k not in sided}
+
+  def f_sided(params, x, **kw):
+    inputs, side = x
+    return f(params, inputs, **kw, **side)
+
+  side1 = {k: v[0] for k, v in sided.items()}
+  side2 = {k: v[1] for k, v in sided.items()}
+  if vmap_axes is not None:
+    for k in sided:
+      shapes = [[np.shape(l) for l in jax.tree.leaves(v)] for v in sided[k]]
+      if vmap_axes.kwargs_axes.get(k) is None and shapes[0] != shapes[1]:
+        raise ValueError(
+            f"kwarg `{k}` is given per side with shapes {shapes[0]} (x1) and {shapes[1]} (x2), "
+            f"but `vmap_axes` declares it unbatched; give its batch axis in kwargs_axes, e.g. "
+            f"vmap_axes=(0, 0, {{'{k}': 0}}).")
+    vmap_axes = batching.VmapAxes(
+        (vmap_axes.in_axes, {k: vmap_axes.kwargs_axes.get(k) for k in sided}),
+        vmap_axes.out_axes,
+        {k: a for k, a in vmap_axes.kwargs_axes.items() if k not in sided})
+  # With x2=None the two sides still differ in their kwargs: x2 is x1 again, not skipped.
+  return (f_sided, (x1, side1), (x1 if x2 is None else x2, side2), shared, vmap_axes)
+
+
 def _split_static(kwargs: dict) -> tuple[dict, tuple]:
   """Array-valued kwargs are traced; everything else (flags, strings) is a static key."""
   dynamic, static = {}, []
@@ -222,7 +262,8 @@ def empirical_ntk_fn(f: Callable[..., PyTree], trace_axes: Axes = (-1,),
   NtkImplementation(implementation)
 
   def compute(x1, x2, params, **kwargs):
-    return _ntk(f, params, x1, x2, kwargs, output_axes, vmap, implementation, per_parameter)
+    g, x1, x2, kwargs, vmap_g = _per_side(f, x1, x2, kwargs, vmap)
+    return _ntk(g, params, x1, x2, kwargs, output_axes, vmap_g, implementation, per_parameter)
 
   return _jitted(compute, output_axes)
 
@@ -245,7 +286,8 @@ def empirical_nngp_fn(f: Callable[..., PyTree], trace_axes: Axes = (-1,),
   output_axes = axes_lib.OutputAxes.create(trace_axes, diagonal_axes)
 
   def compute(x1, x2, params, **kwargs):
-    return _nngp(f, params, x1, x2, kwargs, output_axes)
+    g, x1, x2, kwargs, _ = _per_side(f, x1, x2, kwargs, None)
+    return _nngp(g, params, x1, x2, kwargs, output_axes)
 
   return _jitted(compute, output_axes)
 

@@ -13,23 +13,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def _as_tuple(axes, name: str) -> tuple[int, ...]:
   if axes is None:
     return ()
-  if isinstance(axes, int):
-    return (axes,)
+  if isinstance(axes, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be an int or a sequence of ints, got {axes!r}.")
+  if isinstance(axes, numbers.Integral):
+    return (int(axes),)
   try:
     axes = tuple(axes)
   except TypeError:
     raise TypeError(f"`{name}` must be an int or a sequence of ints, got {axes!r}.") from None
-  if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+  if not all(isinstance(a, numbers.Integral) and not isinstance(a, (bool, np.bool_))
+             for a in axes):
     raise TypeError(f"`{name}` must hold ints, got {axes!r}.")
-  return axes
+  return tuple(int(a) for a in axes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ removes the N-fold redundancy of differentiating a whole batch for every output 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Callable, Optional
 
 import jax
@@ -28,9 +29,9 @@ class VmapAxes:
     `(in_axes, out_axes, kwargs_axes)` as in neural-tangents."""
     if vmap_axes is None:
       return None
-    if isinstance(vmap_axes, int) and not isinstance(vmap_axes, bool):
-      return cls(vmap_axes, vmap_axes, {})
-    if isinstance(vmap_axes, tuple) and len(vmap_axes) == 3:
+    if isinstance(vmap_axes, numbers.Integral) and not isinstance(vmap_axes, (bool, np.bool_)):
+      return cls(int(vmap_axes), int(vmap_axes), {})
+    if isinstance(vmap_axes, (tuple, list)) and len(vmap_axes) == 3:
       in_axes, out_axes, kwargs_axes = vmap_axes
       return cls(in_axes, out_axes, dict(kwargs_axes or {}))
     raise TypeError("`vmap_axes` must be None, an int, or a triple (in_axes, out_axes, "
@@ -53,6 +54,8 @@ class VmapAxes:
 
 def _broadcast_axes(axes: PyTree, tree: PyTree, name: str, what: str) -> list[Optional[int]]:
   leaves = jax.tree.leaves(tree)
+  if isinstance(axes, numbers.Integral) and not isinstance(axes, (bool, np.bool_)):
+    axes = int(axes)
   if axes is None or isinstance(axes, int):
     per_leaf = [axes] * len(leaves)
   else:
@@ -65,10 +68,11 @@ def _broadcast_axes(axes: PyTree, tree: PyTree, name: str, what: str) -> list[Op
     if a is None:
       continue
     ndim = np.ndim(leaf)
-    if not isinstance(a, int) or not -ndim <= a < ndim:
+    if (not isinstance(a, numbers.Integral) or isinstance(a, (bool, np.bool_))
+        or not -ndim <= a < ndim):
       raise ValueError(f"`{name}`={axes!r}: axis {a!r} does not fit a leaf of {what} with "
                        f"shape {np.shape(leaf)} (rank {ndim}).")
-  return [None if a is None else a % np.ndim(leaf) for leaf, a in zip(leaves, per_leaf)]
+  return [None if a is None else int(a) % np.ndim(leaf) for leaf, a in zip(leaves, per_leaf)]
 
 
 def single_example_fn(f: Callable, vmap_axes: VmapAxes, x_example: PyTree,

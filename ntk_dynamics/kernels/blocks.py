@@ -127,8 +127,8 @@ def _check_memory_bytes(memory_bytes) -> Optional[int]:
   if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, (int, float, np.number)):
     raise TypeError(f"`memory_bytes` must be a positive number of bytes, got "
                     f"{memory_bytes!r}.")
-  if not memory_bytes > 0 or not math.isfinite(memory_bytes):
-    raise ValueError(f"`memory_bytes` must be a positive, finite number of bytes, got "
+  if not memory_bytes >= 1 or not math.isfinite(memory_bytes):
+    raise ValueError(f"`memory_bytes` must be a finite number of bytes >= 1, got "
                      f"{memory_bytes!r}.")
   return int(memory_bytes)
 
@@ -399,6 +399,12 @@ class Blocked:
     if not symmetric and jax.tree.structure(x1) != jax.tree.structure(x2):
       raise ValueError(f"`x1` has pytree structure {jax.tree.structure(x1)} but `x2` has "
                        f"{jax.tree.structure(x2)}; they must match.")
+    if not symmetric:  # checked here, on the user's arrays, not later on blocks of them
+      for a, b in zip(jax.tree.leaves(x1), jax.tree.leaves(x2)):
+        if np.shape(a)[1:] != np.shape(b)[1:]:
+          raise ValueError(f"`x1` and `x2` have different feature shapes: x1 {np.shape(a)} "
+                           f"vs x2 {np.shape(b)} (they may differ only along the batch axis "
+                           "0).")
     dyn, rebuild, key = _split_args(args, kwargs)
     probe = self._round_fn(key, rebuild, "pair", self._probe_mesh)
     xa = x1 if symmetric else x2

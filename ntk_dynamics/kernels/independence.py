@@ -14,12 +14,14 @@ per-example path.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.extend as jex
+import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
@@ -228,22 +230,104 @@ def _walk(jaxpr, in_states: Sequence[State]) -> list[State]:
   return [read(v) for v in jaxpr.outvars]
 
 
+def _matches(big: Any, small: Any, n: int, shape_like: bool) -> bool:
+  """Whether a value of the batch-`n` trace equals its batch-1 counterpart, allowing n → 1 in
+  shape-like integers (shapes, sizes) but not in literal operands."""
+  if isinstance(big, jex.core.ClosedJaxpr) or isinstance(big, jex.core.Jaxpr):
+    return type(big) is type(small) and _same_program(big, small, n)
+  if isinstance(big, (tuple, list)):
+    return (isinstance(small, (tuple, list)) and len(big) == len(small)
+            and all(_matches(a, b, n, shape_like) for a, b in zip(big, small)))
+  if isinstance(big, np.ndarray) or isinstance(small, np.ndarray):
+    big, small = np.asarray(big), np.asarray(small)
+    return big.shape == small.shape and big.dtype == small.dtype and bool(
+        np.array_equal(big, small, equal_nan=True))
+  if isinstance(big, (int, np.integer)) and not isinstance(big, bool):
+    return big == small or (shape_like and big == n and small == 1)
+  if big is None or isinstance(big, (bool, float, complex, str, bytes, np.generic, np.dtype,
+                                     enum.Enum)):
+    return type(big) is type(small) and bool(big == small)
+  # Rules and thunks (custom_jvp's jvp, custom_vjp's fwd/bwd) are new objects in every trace;
+  # their primal computation is what is compared.
+  return type(big) is type(small)
+
+
+def _same_const(a: Any, b: Any, n: int) -> bool:
+  if a is b:  # e.g. an array kwarg, traced by the enclosing jit: the same value in both
+    return True
+  if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
+    return False
+  return _matches(np.asarray(a), np.asarray(b), n, False)
+
+
+def _same_program(big, small, n: int) -> bool:
+  """Whether two jaxprs of `f`, traced at batch sizes n and 1, are the same program: the same
+  equations wired the same way, equal literals and parameters, shapes equal up to n → 1."""
+  if isinstance(big, jex.core.ClosedJaxpr):
+    return (len(big.consts) == len(small.consts)
+            and all(_same_const(a, b, n) for a, b in zip(big.consts, small.consts))
+            and _same_program(big.jaxpr, small.jaxpr, n))
+  ids_big: dict = {}
+  ids_small: dict = {}
+
+  def same_var(a, b) -> bool:
+    if isinstance(a, jex.core.Literal) or isinstance(b, jex.core.Literal):
+      return (isinstance(a, jex.core.Literal) and isinstance(b, jex.core.Literal)
+              and _matches(np.asarray(a.val), np.asarray(b.val), n, False))
+    if a.aval.dtype != b.aval.dtype or not _matches(_shape(a), _shape(b), n, True):
+      return False
+    return ids_big.setdefault(a, len(ids_big)) == ids_small.setdefault(b, len(ids_small))
+
+  if (len(big.eqns) != len(small.eqns) or len(big.invars) != len(small.invars)
+      or len(big.constvars) != len(small.constvars)
+      or len(big.outvars) != len(small.outvars)):
+    return False
+  if not all(same_var(a, b) for a, b in zip(big.constvars + big.invars,
+                                            small.constvars + small.invars)):
+    return False
+  for e, g in zip(big.eqns, small.eqns):
+    if (e.primitive != g.primitive or len(e.invars) != len(g.invars)
+        or len(e.outvars) != len(g.outvars) or set(e.params) != set(g.params)):
+      return False
+    if not all(same_var(a, b) for a, b in zip(e.invars, g.invars)):
+      return False
+    if not all(_matches(e.params[k], g.params[k], n, True) for k in e.params):
+      return False
+    if not all(same_var(a, b) for a, b in zip(e.outvars, g.outvars)):
+      return False
+  return all(same_var(a, b) for a, b in zip(big.outvars, small.outvars))
+
+
 def is_per_example(f: Callable, params: PyTree, x: PyTree, kwargs: Optional[dict] = None,
                    axis: int = 0) -> bool:
   """True only if every output of `f(params, x, **kwargs)` provably depends, along `axis`,
-  on the matching example of every input leaf alone (inputs and outputs batched on `axis`).
+  on the matching example of every input leaf alone (inputs and outputs batched on `axis`),
+  and `f` run on one example (a batch of 1, as the per-example path runs it) is the same
+  program: a function that reads the batch size as a value (`/ x.shape[0]`, a state sized by
+  a configured batch, a branch on the batch size) is refused.
   Non-array kwargs are static; array kwargs are treated as shared, unbatched constants."""
   kwargs = kwargs or {}
   x_leaves = jax.tree.leaves(x)
   if not x_leaves or any(np.ndim(l) <= axis for l in x_leaves):
     return False
+  n = {np.shape(l)[axis] for l in x_leaves}
+  if len(n) != 1:
+    return False
+  n = n.pop()
   closed = jax.make_jaxpr(lambda p, xx: f(p, xx, **kwargs))(params, x)
   n_params = len(jax.tree.leaves(params))
   states = [Constant(frozenset())] * n_params + [Example(axis)] * len(x_leaves)
   outs = _walk(closed.jaxpr, states)
-  out_avals = closed.out_avals
-  n = {np.shape(l)[axis] for l in x_leaves}
-  if len(n) != 1:
+  if not all(isinstance(s, Example) and s.axis == axis and len(a.shape) > axis and
+             a.shape[axis] == n for s, a in zip(outs, closed.out_avals)):
     return False
-  return all(isinstance(s, Example) and s.axis == axis and len(a.shape) > axis and
-             a.shape[axis] == n.copy().pop() for s, a in zip(outs, out_avals))
+  if n == 1:
+    return True
+  one = jax.tree.map(lambda l: jax.ShapeDtypeStruct(
+      np.shape(l)[:axis] + (1,) + np.shape(l)[axis + 1:], jnp.result_type(l)), x)
+  try:
+    single = jax.make_jaxpr(lambda p, xx: f(p, xx, **kwargs))(params, one)
+  except Exception:  # noqa: BLE001 - f cannot even run on one example
+    return False
+  return (all(len(a.shape) > axis and a.shape[axis] == 1 for a in single.out_avals)
+          and _same_program(closed, single, n))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ntk_dynamics.kernels import axes as axes_lib
@@ -48,6 +49,13 @@ def leaf_jacobians(f: Callable, params: PyTree, x: PyTree, kwargs: dict,
           leaf, x, **kwargs)
 
 
+def _promoted(a: jax.Array, b: jax.Array, out: Any) -> tuple[jax.Array, jax.Array]:
+  # A Jacobian comes out in the parameter's dtype; the kernel is accumulated in the wider of
+  # that and the output's, so float16 weights of a float32 model do not overflow the sum.
+  dtype = jnp.promote_types(jnp.result_type(a), out.dtype)
+  return a.astype(dtype), b.astype(dtype)
+
+
 def ntk(f: Callable, params: PyTree, x1: PyTree, x2: Optional[PyTree], kwargs: dict,
         output_axes: axes_lib.OutputAxes, vmap_axes: Optional[batching.VmapAxes],
         fx1: PyTree, fx2: PyTree) -> list[PyTree]:
@@ -61,6 +69,7 @@ def ntk(f: Callable, params: PyTree, x1: PyTree, x2: Optional[PyTree], kwargs: d
   for leaf, j1 in zip(jax.tree.leaves(params), jacs1):
     j2 = j1 if x2 is None else next(jacs2)
     contributions.append(jax.tree.map(
-        lambda a, b, o: axes_lib.contract(a, b, o.shape, output_axes, np.ndim(leaf)),
+        lambda a, b, o: axes_lib.contract(*_promoted(a, b, o), o.shape, output_axes,
+                                          np.ndim(leaf)),
         j1, j2, fx1))
   return contributions

@@ -7,6 +7,9 @@ deterministic function of the seed; a checkpoint holds the whole state plus the 
 (and the best meta-parameters on validation tasks, when selecting), and a resumed run replays
 exactly what an uninterrupted one would have done (identical parameters and selection, bit for
 bit, on the same machine and JAX version).
+
+Ctrl-C (KeyboardInterrupt) during `meta_train` is re-raised with the run so far attached as
+`.result`, a `MetaResult` of status "interrupted"; the last checkpoint stays resumable.
 """
 from __future__ import annotations
 
@@ -83,7 +86,8 @@ class MetaResult:
   Attributes:
     params, opt_state: the last finite state (at `step`).
     step: meta-steps completed.
-    status: "completed" or "non_finite" (training stopped; see `message`).
+    status: "completed", "non_finite" (training stopped; see `message`) or "interrupted"
+      (only on the `.result` of the KeyboardInterrupt that `meta_train` re-raises).
     message: human-readable outcome.
     evals: list of evaluation records (see `evaluate`) with their "step".
     train_log: list of {"step", "loss", "seconds"}: mean training loss over each window.
@@ -96,6 +100,7 @@ class MetaResult:
     best_step: the step `best_params` come from (None without a `select_sampler`); their
       held-out record is the entry of `evals` at that step.
     best_eval: their validation record (None without a `select_sampler`).
+    checkpoint_step: the step of the last checkpoint written or resumed from (None: none).
   """
   params: PyTree
   opt_state: PyTree
@@ -109,6 +114,7 @@ class MetaResult:
   best_params: PyTree = None
   best_step: Optional[int] = None
   best_eval: Optional[dict] = None
+  checkpoint_step: Optional[int] = None
 
 
 def mean_ci95(values: np.ndarray) -> tuple[float, float]:
@@ -265,7 +271,8 @@ def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_s
     meta_optimizer: optax transformation (default `optax.adam(1e-3)`).
     optimizer_name: its description, stored in the checkpoint fingerprint.
     out_dir: folder for `checkpoint.npz` (None: no checkpoints).
-    resume: continue from `out_dir/checkpoint.npz` if it exists (its settings must match).
+    resume: continue from `out_dir/checkpoint.npz` if it exists (its settings must match,
+      and `config.meta_steps` must be at least its step).
     progress: show a tqdm progress bar.
     on_step: called as `on_step(step, loss)` after each finite meta-step (e.g. to stop).
 
@@ -273,6 +280,12 @@ def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_s
     A `MetaResult`. A non-finite meta-loss or meta-gradient at step s stops training with
     status "non_finite", returns the state before that step (and the best parameters
     evaluated before it) and leaves the last checkpoint (always of a finite state) untouched.
+
+  Raises:
+    ValueError: when resuming from a checkpoint written with other settings, or one past
+      `config.meta_steps`; `runs.CorruptCheckpointError` (a ValueError) for an unreadable one.
+    KeyboardInterrupt: re-raised on Ctrl-C with `.result`, the `MetaResult` so far (status
+      "interrupted", the step reached, every completed evaluation, `checkpoint_step`).
   """
   optimizer = meta_optimizer if meta_optimizer is not None else optax.adam(1e-3)
   ckpt_every = config.checkpoint_every or config.eval_every
@@ -286,6 +299,7 @@ def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_s
   step, evals, train_log = 0, [], []
   select_evals, best_params, best_eval = [], None, None
   last_ckpt = None
+  resumed_seconds_per_step = math.nan
 
   def state():
     tree = {"params": params, "opt_state": opt_state, "key": key}
@@ -300,6 +314,8 @@ def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_s
                  "another --out folder or drop --resume.")
     try:
       loaded = runs.load_checkpoint(ckpt_path, state())
+    except runs.CorruptCheckpointError:
+      raise
     except ValueError as e:
       # Selecting or not changes the leaves saved, so this fails before the fingerprint is read.
       raise ValueError(different) from e
@@ -307,11 +323,17 @@ def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_s
       step, tree, extra = loaded
       if extra.get("fingerprint") != fingerprint:
         raise ValueError(different)
+      if step > config.meta_steps:
+        raise ValueError(f"checkpoint {ckpt_path} is at meta-step {step}, past the "
+                         f"{config.meta_steps} meta-steps asked for; resume with meta_steps "
+                         f"(--meta-steps) of at least {step}, or use another output folder.")
       params, opt_state, key = tree["params"], tree["opt_state"], tree["key"]
       evals, train_log = list(extra["evals"]), list(extra["train_log"])
       if selecting:
         select_evals, best_eval = list(extra["select_evals"]), extra["best_eval"]
         best_params = tree["best_params"]
+      stored = extra.get("seconds_per_step")
+      resumed_seconds_per_step = math.nan if stored is None else float(stored)
       last_ckpt = step
 
   probe = train_sampler.sample(0, 1)
@@ -353,26 +375,40 @@ def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_s
                                > _selection_score(best_eval, classification)):
         best_params, best_eval = params, select_evals[-1]
 
+  def seconds_per_step():
+    # The first timed step of this call includes compilation; a call that ran no timed step
+    # (a finished run resumed) reports the checkpoint's figure.
+    times = step_times[1:]
+    return float(np.median(times)) if times else resumed_seconds_per_step
+
   def checkpoint():
     nonlocal last_ckpt
     if ckpt_path is not None:
       last_ckpt = step
-      extra = {"fingerprint": fingerprint, "evals": evals, "train_log": train_log}
+      extra = {"fingerprint": fingerprint, "evals": evals, "train_log": train_log,
+               "seconds_per_step": seconds_per_step()}
       if selecting:
         extra.update(select_evals=select_evals, best_eval=best_eval)
       runs.save_checkpoint(ckpt_path, state(), step=step, extra=extra)
 
-  if step == 0 and not evals:
-    run_evals()
+  def result(status, message):
+    return MetaResult(params=params, opt_state=opt_state, step=step, status=status,
+                      message=message, evals=evals, train_log=train_log,
+                      seconds_per_step=seconds_per_step(), select_evals=select_evals,
+                      best_params=best_params,
+                      best_step=None if best_eval is None else best_eval["step"],
+                      best_eval=best_eval, checkpoint_step=last_ckpt)
 
   bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=config.meta_steps, initial=min(step, config.meta_steps),
-               desc=f"meta-train {inner.name}", unit="step", dynamic_ncols=True)
   status, message = "completed", ""
   window, step_times = [], []
   try:
+    if step == 0 and not evals:
+      run_evals()
+    if progress:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=config.meta_steps, initial=min(step, config.meta_steps),
+                 desc=f"meta-train {inner.name}", unit="step", dynamic_ncols=True)
     while step < config.meta_steps:
       key, sub_bits = next_key(key)
       batch = train_sampler.sample(sub_bits, config.meta_batch)
@@ -409,21 +445,23 @@ def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_s
         bar.update(1)
         if step % 10 == 0 or last_step:
           bar.set_postfix(loss=f"{train_log[-1]['loss'] if train_log else loss:.4g}")
+    if status == "completed":
+      if not evals or evals[-1]["step"] != step:
+        run_evals()
+      message = f"completed {step} meta-steps"
+  except KeyboardInterrupt as e:
+    # A record cut short by the interrupt was never appended: every record kept is complete.
+    if selecting and len(select_evals) < len(evals):
+      evals.pop()
+    last = ("no checkpoint" if last_ckpt is None
+            else f"last checkpoint {ckpt_path} at step {last_ckpt}")
+    e.result = result("interrupted", f"interrupted after meta-step {step} of "
+                                     f"{config.meta_steps}; {last}")
+    raise
   finally:
     if bar is not None:
       bar.close()
-  if status == "completed":
-    if not evals or evals[-1]["step"] != step:
-      run_evals()
-    message = f"completed {step} meta-steps"
-  # The first timed step of this call includes compilation.
-  times = step_times[1:]
-  return MetaResult(params=params, opt_state=opt_state, step=step, status=status,
-                    message=message, evals=evals, train_log=train_log,
-                    seconds_per_step=float(np.median(times)) if times else float("nan"),
-                    select_evals=select_evals, best_params=best_params,
-                    best_step=None if best_eval is None else best_eval["step"],
-                    best_eval=best_eval)
+  return result(status, message)
 
 
 def _format_metrics(record: dict) -> str:

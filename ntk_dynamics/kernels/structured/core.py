@@ -486,7 +486,7 @@ class _Jacobian:
       def op(v):
         a = list(args)
         a[gen.position] = v
-        outs = prim.bind(*a, **params)
+        outs = interp.bind_primitive(prim, params, a)
         outs = list(outs) if prim.multiple_results else [outs]
         return [outs[i] for i in gen.out_positions]
 

@@ -11,9 +11,11 @@ a site is a *use*; a rule (rules.py) turns the use into a `Term`, the structured
 y's derivative with respect to the leaf, and records the primal arrays the term needs
 (inputs, patches, token ids, ...) as auxiliary outputs of that same forward pass.
 
-Calls (`jit`, `custom_jvp_call`, `custom_vjp_call`, `remat`) that receive a chain are inlined,
-so parameters used inside them are seen structurally; calls that receive no chain are bound
-unchanged (their custom differentiation rules then apply to the cotangents as usual).
+Calls (`jit`, `remat`) that receive a chain are inlined, so parameters used inside them are
+seen structurally. `custom_jvp_call` / `custom_vjp_call` are never inlined: their rule may
+differ from the derivative of their body (straight-through estimators), so a call that
+receives a chain is a site whose derivative comes from the call's own rule (the generic rule,
+through `jax.vjp`); calls that receive no chain are bound unchanged.
 """
 from __future__ import annotations
 
@@ -25,11 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-# Call-like primitives whose inner jaxpr is walked when a parameter chain enters them.
+# Call-like primitives with an inner jaxpr.
+CUSTOM_RULE_PRIMITIVES = frozenset({"custom_jvp_call", "custom_vjp_call",
+                                    "custom_vjp_call_jaxpr"})
 INLINE_PRIMITIVES = frozenset({
     "jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
-    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
-})
+}) | CUSTOM_RULE_PRIMITIVES
+# Those walked when a parameter chain enters them: differentiating their body is exact.
+_WALKED_CALLS = INLINE_PRIMITIVES - CUSTOM_RULE_PRIMITIVES
 _INNER_JAXPR_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 # Structural, linear, single-operand primitives: their output is still a chain of the leaf.
@@ -145,15 +150,43 @@ def _inner(eqn):
   return None
 
 
+def bind_primitive(primitive, params: dict, invals):
+  """`primitive.bind(*invals, **params)`, except for `custom_linear_solve` (below)."""
+  if primitive.name == "custom_linear_solve":
+    out = _linear_solve(params, invals)
+    if out is not None:
+      return out
+  return primitive.bind(*invals, **params)
+
+
+def _linear_solve(params: dict, invals) -> Optional[list]:
+  """x = A⁻¹ b with custom_linear_solve's derivative dx = A⁻¹(db − dA x), solver operands held
+  constant, written with differentiable primitives: x₀ + solve(b − A x₀), x₀ = solve(b) held
+  constant (one refinement step, equal to x₀ up to round-off). JAX's own rule fails when the
+  matrix operands (parameter chains, not perturbed here) and b both have symbolic-zero
+  tangents while the solver's (LU factors downstream of a perturbed site) do not."""
+  lengths, jaxprs = params["const_lengths"], params["jaxprs"]
+  start = lengths.matvec + lengths.vecmat
+  matvec_consts = invals[:lengths.matvec]
+  solver = [jax.lax.stop_gradient(c) for c in invals[start:start + lengths.solve]]
+  rhs = list(invals[sum(lengths):])
+  solve, matvec = jcore.jaxpr_as_fun(jaxprs.solve), jcore.jaxpr_as_fun(jaxprs.matvec)
+  x0 = [jax.lax.stop_gradient(v) for v in solve(*solver, *rhs)]
+  if len(x0) != len(rhs):  # auxiliary outputs: keep the primitive
+    return None
+  residual = [b - ax for b, ax in zip(rhs, matvec(*matvec_consts, *x0))]
+  return [a + d for a, d in zip(x0, solve(*solver, *residual))]
+
+
 def _bind(eqn, invals):
   params = eqn.primitive.get_bind_params(eqn.params)
   ctx = getattr(eqn, "ctx", None)
   manager = getattr(ctx, "manager", None)
   if manager is not None:
     with manager:
-      out = eqn.primitive.bind(*invals, **params)
+      out = bind_primitive(eqn.primitive, params, invals)
   else:
-    out = eqn.primitive.bind(*invals, **params)
+    out = bind_primitive(eqn.primitive, params, invals)
   return list(out) if eqn.primitive.multiple_results else [out]
 
 
@@ -184,7 +217,7 @@ def static_chains(jaxpr, in_chain: Sequence[bool]) -> tuple[set, list]:
     flags = [is_chain(v) for v in eqn.invars]
     if not any(flags):
       continue
-    inner = _inner(eqn) if eqn.primitive.name in INLINE_PRIMITIVES else None
+    inner = _inner(eqn) if eqn.primitive.name in _WALKED_CALLS else None
     if inner is not None and len(eqn.invars) >= len(inner[0].invars):
       extra = len(eqn.invars) - len(inner[0].invars)
       _, out_flags = static_chains(inner[0], flags[extra:])
@@ -263,7 +296,7 @@ def walk(jaxpr, consts, invals, inchains, state: WalkState, top: bool = False):
       continue
 
     name = eqn.primitive.name
-    inner = _inner(eqn) if name in INLINE_PRIMITIVES else None
+    inner = _inner(eqn) if name in _WALKED_CALLS else None
     if inner is not None:
       ijaxpr, iconsts = inner
       n_extra = len(invals_e) - len(ijaxpr.invars)

@@ -222,7 +222,8 @@ class Rules:
     except _NoRule:
       out = None
     if out is None:
-      if name not in MATERIALISED and name not in ELEMENTWISE:
+      if (name not in MATERIALISED and name not in ELEMENTWISE
+          and name not in interp.CUSTOM_RULE_PRIMITIVES):
         state.fallbacks.append(name)
       out = _generic(state, eqn, site, pos, invals)
     if out is None:

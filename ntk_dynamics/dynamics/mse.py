@@ -157,7 +157,7 @@ def gradient_descent_mse(k_train_train: Any, y_train: Any, learning_rate: float 
       t: scalar or array of any shape, in steps (flow time τ = η t, fractional allowed);
         None is t → ∞ by a Cholesky solve: train predictions = `y_train`, test predictions
         = f_test(0) + Θ_test,train (Θ + ρI)⁻¹ (y_train − f_train(0)). If Θ + ρI is singular
-        (eigenvalues below A·eps·λ_max) the inverse is the pseudo-inverse and train outputs
+        (eigenvalues below √A·eps·λ_max) the inverse is the pseudo-inverse and train outputs
         keep their initial null-space component, matching large finite t (those modes are
         dropped at every t). Under `jax.jit` singularity is a traced predicate.
       fx_train_0: outputs on x_train at t = 0, shaped like `y_train`, or a scalar; None: no

@@ -10,6 +10,7 @@ the kernel is traced, e.g. built under `jax.jit`).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -29,8 +30,10 @@ def regularizer(fn: str, k_matrix: jax.Array, diag_reg: float,
 
 
 def _cutoff(evals: jax.Array) -> jax.Array:
-  # Eigenvalues below A·eps·λ_max are rounding noise of a rank-deficient kernel.
-  return evals.shape[0] * jnp.finfo(evals.dtype).eps * jnp.max(evals)
+  # Eigenvalues below √A·eps·λ_max are rounding noise of a rank-deficient kernel (the rounding
+  # threshold of `init.kernel_spectrum` too): a kernel computed in float32 is within
+  # ~eps·λ_max of the exact one in norm, so modes above the cutoff are real and kept.
+  return math.sqrt(evals.shape[0]) * jnp.finfo(evals.dtype).eps * jnp.max(evals)
 
 
 def eigh(k_reg: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -53,7 +56,7 @@ def _pinv_limit(evals: jax.Array, evecs: jax.Array, initial: jax.Array,
 class Spectrum(NamedTuple):
   """Eigendecomposition of Θ + ρI over the A untraced training entries.
 
-  Θ + ρI is *singular* when its smallest eigenvalue is at most the cutoff A·eps·λ_max: the
+  Θ + ρI is *singular* when its smallest eigenvalue is at most the cutoff √A·eps·λ_max: the
   modes below the cutoff are rounding noise of an exact null space. They are dropped everywhere
   (finite t, t → ∞), so finite-t predictions converge to the t=None ones.
 

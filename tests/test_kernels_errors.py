@@ -251,3 +251,24 @@ def test_boolean_axes_are_not_axis_numbers(bad):
     empirical_ntk_fn(lambda p, x: x, trace_axes=bad)
   with pytest.raises(TypeError, match="`vmap_axes`"):
     empirical_ntk_fn(lambda p, x: x, vmap_axes=bad)
+
+
+def test_unbatched_output_leaf_needs_structured_derivatives():
+  r = np.random.RandomState(0)
+  params = {"w": r.randn(4, 3), "b": r.randn(3)}
+
+  def f(p, x):
+    return {"per": x @ p["w"], "glob": np.tanh(1.0) * p["b"]}
+
+  x1, x2 = r.randn(5, 4), r.randn(3, 4)
+  vmap_axes = (0, {"per": 0, "glob": None}, None)
+  whole = empirical_ntk_fn(f, trace_axes=())(x1, x2, params)
+  for impl in (NtkImplementation.AUTO, NtkImplementation.STRUCTURED_DERIVATIVES):
+    got = empirical_ntk_fn(f, trace_axes=(), vmap_axes=vmap_axes, implementation=impl)(
+        x1, x2, params)
+    for k in whole:
+      np.testing.assert_allclose(got[k], whole[k], rtol=1e-6, atol=1e-6)
+  for impl in (NtkImplementation.JACOBIAN_CONTRACTION, NtkImplementation.NTK_VECTOR_PRODUCTS):
+    with pytest.raises(ValueError, match=r"unbatched \(out_axes None\).*vmap_axes=None"):
+      empirical_ntk_fn(f, trace_axes=(), vmap_axes=vmap_axes, implementation=impl)(
+          x1, x2, params)

@@ -122,6 +122,20 @@ def _resolve(implementation, f, params, x1, x2, kwargs, output_axes, vmap_axes, 
   return implementation
 
 
+def _for_unbatched_outputs(implementation) -> NtkImplementation:
+  """Output leaves declared unbatched (`out_axes` None) are supported by structured
+  derivatives only; AUTO picks it."""
+  implementation = NtkImplementation(implementation)
+  if implementation == NtkImplementation.AUTO:
+    return NtkImplementation.STRUCTURED_DERIVATIVES
+  if implementation != NtkImplementation.STRUCTURED_DERIVATIVES:
+    raise ValueError(
+        f"`vmap_axes` declares some output leaves unbatched (out_axes None), which only "
+        f"STRUCTURED_DERIVATIVES (or AUTO, which then picks it) supports; with "
+        f"{implementation.name} pass vmap_axes=None instead (any output, whole batch).")
+  return implementation
+
+
 def _provably_per_example(f, params, x1, x2, kwargs) -> bool:
   """Whether the per-example path is safe although the user passed `vmap_axes=None`."""
   return all(independence.is_per_example(f, params, x, kwargs)
@@ -138,6 +152,8 @@ def _ntk(f, params, x1, x2, kwargs, output_axes, vmap_axes, implementation,
   _check_output_pair(fx1, fx2, output_axes, vmap_axes)
   if vmap_axes is None and _provably_per_example(f, params, x1, x2, kwargs):
     vmap_axes = batching.VmapAxes(0, 0, {})
+  if vmap_axes is not None and None in vmap_axes.leaf_out_axes(fx1):
+    implementation = _for_unbatched_outputs(implementation)
   implementation = _resolve(implementation, f, params, x1, x2, kwargs, output_axes,
                             vmap_axes, fx1, fx2)
   if implementation in (NtkImplementation.JACOBIAN_CONTRACTION,

@@ -116,22 +116,7 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _check(args: argparse.Namespace) -> None:
-  positive = ("k_shot", "n_way", "k_query", "eval_k_query", "meta_batch", "eval_every",
-              "eval_tasks", "eval_batch", "width")
-  bad = [f"--{n.replace('_', '-')}={getattr(args, n)}" for n in positive
-         if getattr(args, n) is not None and getattr(args, n) < 1]
-  bad += [f"--{n.replace('_', '-')}={getattr(args, n)}" for n in ("inner_steps", "meta_steps",
-                                                                  "depth")
-          if getattr(args, n) < 0]
-  if not (args.inner_lr > 0 and math.isfinite(args.inner_lr)):
-    bad.append(f"--inner-lr={args.inner_lr}")
-  if not (args.meta_lr > 0 and math.isfinite(args.meta_lr)):
-    bad.append(f"--meta-lr={args.meta_lr}")
-  if not (args.w_std > 0 and math.isfinite(args.w_std)):
-    bad.append(f"--w-std={args.w_std}")
-  if bad:
-    raise SystemExit("error: these must be positive (steps and depth non-negative): " +
-                     ", ".join(bad))
+  # Ranges (counts positive, rates finite and > 0) are checked by the parser's types.
   if args.task != "sinusoid" and args.n_way < 2:
     raise SystemExit(f"error: --n-way must be at least 2 for classification, got "
                      f"{args.n_way}: a 1-way task has a single class, so every prediction is "

@@ -1,6 +1,7 @@
 """The spectral core shared by every closed-form MSE dynamics (flow, steps, momentum).
 
-`Spectrum.create` regularises and eigendecomposes the flattened train-train kernel once.
+`eigh` eigendecomposes the regularised train-train kernel once; `Spectrum.create` builds the
+core from it.
 `Spectrum.finite_time` turns a per-mode gain G(λ, t) (see `modes`) into whole prediction
 curves: it projects the initial residual onto the eigenbasis once per call, and each extra time
 costs one (A, C) scaling plus two small matrix products. `Spectrum.solve` serves the t → ∞
@@ -81,13 +82,10 @@ class Spectrum(NamedTuple):
   pinv_evecs: Optional[jax.Array] = None
 
   @classmethod
-  def create(cls, k_reg: jax.Array, evals: Optional[jax.Array] = None,
-             evecs: Optional[jax.Array] = None) -> "Spectrum":
-    """`k_reg`: (A, A) symmetric regularised kernel Θ + ρI; `evals`, `evecs`: its `eigh`
-    when already computed (e.g. to check it first)."""
+  def create(cls, k_reg: jax.Array, evals: jax.Array, evecs: jax.Array) -> "Spectrum":
+    """`k_reg`: (A, A) regularised kernel Θ + ρI; `evals`, `evecs`: its `eigh` (computed by
+    the caller, which checks the unclipped eigenvalues first)."""
     k_reg = (k_reg + k_reg.T) / 2
-    if evals is None:
-      evals, evecs = jnp.linalg.eigh(k_reg)
     evals = jnp.maximum(evals, 0.)
     cutoff = _cutoff(evals)
     keep = evals > cutoff

@@ -18,7 +18,9 @@ import json
 import math
 import os
 import pathlib
+import signal
 import tempfile
+import threading
 import zipfile
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -28,8 +30,37 @@ import numpy as np
 PyTree = Any
 
 
+@contextlib.contextmanager
+def interrupts_deferred():
+  """Holds Ctrl-C (SIGINT) back until the block ends, then raises the KeyboardInterrupt.
+
+  A KeyboardInterrupt raised inside `zipfile` or `np.savez` leaves the archive half-written
+  and can be replaced by a `ValueError` from the archive's own cleanup, so the user sees a
+  confusing error and loses the checkpoint being written. Only the main thread receives
+  signals, and only Python's default handler is swapped: elsewhere this does nothing.
+  """
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield
+    return
+  received = []
+  signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  if received:
+    raise KeyboardInterrupt
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
-  """Writes `data` to `path` atomically (temporary file in the same folder, then rename)."""
+  """Writes `data` to `path` atomically (temporary file in the same folder, then rename).
+  A Ctrl-C during the write is raised once the file is in place."""
+  with interrupts_deferred():
+    return _atomic_write_bytes(path, data)
+
+
+def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -157,8 +188,14 @@ def save_checkpoint(path: str | os.PathLike, tree: PyTree, *, step: int,
   """Saves the leaves of `tree` (params, optimizer state, PRNG keys) and the step, atomically.
 
   Restoring needs a template with the same structure (`load_checkpoint`), which keeps the
-  file format plain `.npz` and independent of JAX's internal pytree classes.
+  file format plain `.npz` and independent of JAX's internal pytree classes. A Ctrl-C during
+  the save is raised once the file is in place.
   """
+  with interrupts_deferred():
+    return _save_checkpoint(path, tree, step=step, extra=extra)
+
+
+def _save_checkpoint(path, tree, *, step, extra):
   leaves = jax.tree.leaves(tree)
   arrays = {f"leaf_{i:05d}": np.asarray(jax.random.key_data(x)
                                         if _is_typed_key(x) else x)

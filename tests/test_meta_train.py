@@ -119,6 +119,27 @@ def test_checkpoint_with_non_finite_metrics_is_strict_json_and_round_trips(tmp_p
   assert record["loss_ci95"] == math.inf
 
 
+def test_ctrl_c_inside_a_checkpoint_write_lands_after_the_file(tmp_path, monkeypatch):
+  """SIGINT in the middle of `np.savez` (what CI hit: zipfile's cleanup then raised a ValueError
+  that hid the interrupt) is held back until the checkpoint is complete, then raised."""
+  import os
+  import signal
+  savez = np.savez
+
+  def interrupted_savez(file, **arrays):
+    os.kill(os.getpid(), signal.SIGINT)
+    savez(file, **arrays)
+
+  monkeypatch.setattr(np, "savez", interrupted_savez)
+  path = tmp_path / "c.npz"
+  with pytest.raises(KeyboardInterrupt):
+    runs.save_checkpoint(path, {"w": jnp.arange(3.0)}, step=7)
+  step, tree, _ = runs.load_checkpoint(path, {"w": jnp.ones(3)})
+  assert step == 7 and np.array_equal(tree["w"], np.arange(3.0))
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
 def test_truncated_checkpoint_is_reported_as_corrupt(tmp_path):
   path = tmp_path / meta.train.CHECKPOINT_NAME
   runs.save_checkpoint(path, {"w": jnp.ones(2)}, step=3)

@@ -147,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     return importlib.import_module(args._module).run(args) or 0
   except KeyboardInterrupt:
-    # Recipes that keep partial results (curves, meta) catch it themselves and return 130.
+    # Every recipe keeps its partial results itself and returns 130; this is the fallback.
     print(f"\n{prog}: interrupted; files written so far are complete (writes are atomic).",
           file=sys.stderr)
     return EXIT_INTERRUPTED

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -92,6 +94,91 @@ def test_bugs_keep_their_traceback_and_interrupts_exit_130(monkeypatch, tmp_path
   monkeypatch.setattr(ntk, "run", interrupted)
   assert cli.main(["ntk"]) == 130
   assert "ntk-dynamics ntk: interrupted" in capsys.readouterr().err
+
+
+NTK_ARGV = ["ntk", "--n", "16", "--width", "8", "--depth", "1", "--repeats", "1"]
+NTK_FIGURES = ("shape", "trace", "lambda_min", "lambda_max", "condition_number")
+
+
+def test_ntk_keeps_its_timings_on_ctrl_c(monkeypatch, tmp_path, capsys):
+  """Ctrl-C while timing the third implementation: metrics.json holds the first two timings
+  (status "interrupted", no kernel figures yet) and the entry point exits with 130."""
+  from recipes import ntk
+  real_time, timed = ntk._time, []
+
+  def interrupt_third(fn, repeats):
+    if len(timed) == 2:
+      raise KeyboardInterrupt
+    out = real_time(fn, repeats)
+    timed.append(out[0])
+    return out
+
+  monkeypatch.setattr(ntk, "_time", interrupt_third)
+  out = tmp_path / "cut"
+  capsys.readouterr()
+  assert cli.main(NTK_ARGV + ["--out", str(out)]) == 130
+  err = capsys.readouterr().err
+  assert f"ntk: interrupted after 2 of 5 implementations; their timings are in {out}" in err
+  assert "ntk-dynamics ntk: interrupted" not in err  # one note, the recipe's
+  metrics = _strict((out / "metrics.json").read_text())
+  assert metrics["status"] == "interrupted" and metrics["config"]["n"] == 16
+  assert metrics["seconds"] == {"default (AUTO, vmap_axes=None)": timed[0],
+                                "AUTO, vmap_axes=0": timed[1]}
+  assert all(s > 0 for s in timed) and not set(NTK_FIGURES) & set(metrics)
+
+  # Without --out nothing is written; the note gives the timings measured so far.
+  timed.clear()
+  monkeypatch.setattr(ntk, "_time", interrupt_third)
+  assert cli.main(NTK_ARGV) == 130
+  err = capsys.readouterr().err
+  assert re.search(r"ntk: interrupted after 2 of 5 implementations \(default \(AUTO, "
+                   r"vmap_axes=None\): [0-9.e-]+ s, AUTO, vmap_axes=0: [0-9.e-]+ s\); "
+                   r"nothing written \(no --out\)", err), err
+
+
+def test_ntk_implementation_out_of_memory_is_a_row_not_a_crash(monkeypatch, capsys):
+  from recipes import ntk
+  real_time = ntk._time
+
+  calls = []
+
+  def jc_out_of_memory(fn, repeats):  # the third call times JACOBIAN_CONTRACTION
+    calls.append(fn)
+    if len(calls) == 3:
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 43 GB")
+    return real_time(fn, repeats)
+
+  monkeypatch.setattr(ntk, "_time", jc_out_of_memory)
+  assert cli.main(NTK_ARGV) == 0
+  assert re.search(r"JACOBIAN_CONTRACTION, vmap_axes=0 +n/a +out of memory: RESOURCE_EXHAUSTED",
+                   capsys.readouterr().out)
+
+
+def test_ntk_interrupted_after_the_kernel_figures_keeps_them(monkeypatch, tmp_path, capsys):
+  from recipes import ntk
+
+  def print_until_the_table(*a, **kw):  # Ctrl-C as the timing table starts
+    if a and str(a[0]).startswith("implementation"):
+      raise KeyboardInterrupt
+    print(*a, **kw)
+
+  monkeypatch.setattr(ntk, "print", print_until_the_table, raising=False)
+  out = tmp_path / "late"
+  assert cli.main(NTK_ARGV + ["--out", str(out)]) == 130
+  metrics = _strict((out / "metrics.json").read_text())
+  assert metrics["status"] == "interrupted" and len(metrics["seconds"]) == 5
+  assert set(NTK_FIGURES) <= set(metrics) and metrics["shape"] == [16, 16]
+  assert "after 5 of 5 implementations" in capsys.readouterr().err
+
+
+def test_ntk_completed_run_says_so(tmp_path, capsys):
+  out = tmp_path / "done"
+  assert cli.main(NTK_ARGV + ["--out", str(out)]) == 0
+  metrics = _strict((out / "metrics.json").read_text())
+  assert metrics["status"] == "completed" and len(metrics["seconds"]) == 5
+  assert metrics["seconds"]["default (AUTO, vmap_axes=None)"] > 0
+  assert metrics["shape"] == [16, 16] and metrics["lambda_min"] <= metrics["lambda_max"]
+  assert "implementation" in capsys.readouterr().out
 
 
 def _strict(text: str):

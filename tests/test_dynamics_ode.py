@@ -15,7 +15,8 @@ from scipy.integrate import solve_ivp  # noqa: E402
 
 from ntk_dynamics import dynamics  # noqa: E402
 from tests.test_dynamics_closed_forms import (LOSSES, PROBLEMS, assert_close,  # noqa: E402
-                                              sgd_trajectory, stable_lr)
+                                              random_features_problem, sgd_trajectory,
+                                              stable_lr)
 
 TIGHT = dict(rtol=1e-12, atol=1e-14)
 TIMES = np.array([7., 0., 1.5, 40.])  # unsorted on purpose
@@ -108,3 +109,87 @@ def test_curves_shape_zero_time_and_step_cap():
                                      stable_lr(problem, 0.3), max_steps=3)
   far = capped(jnp.array([0., 1e4]), problem.fx_train_0)
   assert np.all(np.isfinite(far[0])) and np.all(np.isnan(far[1]))
+
+
+def _ode(kernel, y, **kw):
+  return dynamics.gradient_descent(LOSSES["mse"], kernel, y, **kw)
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_non_symmetric_kernel_is_rejected(name):
+  problem = PROBLEMS[name]()
+  skew = np.array(problem.k_train_train)
+  skew[(0, 1) + (0,) * (skew.ndim - 2)] += 0.1 * np.max(np.abs(skew))
+  with pytest.raises(ValueError, match=rf"gradient_descent: `k_train_train` \(shape "
+                     rf"\({', '.join(map(str, skew.shape))}\)\) is not symmetric"):
+    _ode(skew, problem.y_train, trace_axes=problem.trace_axes)
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_indefinite_kernel_is_rejected_like_the_closed_form(name):
+  """Same check and message as `gradient_descent_mse`: on Θ itself, so diag_reg does not hide
+  an indefinite kernel."""
+  problem = PROBLEMS[name]()
+  mat = problem.kernel_matrix()
+  lam = np.linalg.eigvalsh(mat)
+  shift = (lam[-1] + lam[0]) / 2  # eigenvalues of both signs
+  if problem.trace_axes:
+    shifted = problem.k_train_train - shift * np.eye(mat.shape[0])
+  else:
+    n, k = problem.y_train.shape
+    shifted = problem.k_train_train - shift * np.einsum("ij,ab->ijab", np.eye(n), np.eye(k))
+  kw = dict(trace_axes=problem.trace_axes)
+  pattern = (rf"`k_train_train` \(shape \({', '.join(map(str, shifted.shape))}\)\) is not "
+             r"positive semi-definite: its eigenvalues range from -\d.*tol = ")
+  with pytest.raises(ValueError, match="gradient_descent: " + pattern):
+    _ode(shifted, problem.y_train, **kw)
+  with pytest.raises(ValueError, match="gradient_descent_mse: " + pattern):
+    dynamics.gradient_descent_mse(shifted, problem.y_train, **kw)
+  for momentum in (None, 0.5):
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+      _ode(shifted, problem.y_train, momentum=momentum, diag_reg=10 * lam[-1],
+           diag_reg_absolute_scale=True, **kw)
+  with pytest.raises(ValueError, match=r"largest eigenvalue .* <= 0 although the kernel is "
+                     "nonzero"):
+    _ode(-problem.k_train_train, problem.y_train, **kw)
+
+
+def test_singular_and_rounding_noise_kernels_are_accepted():
+  """A rank-deficient PSD kernel (zero eigenvalues, some rounding to tiny negatives) passes and
+  integrates like the closed form; so do a float32 J Jᵀ and the zero kernel."""
+  problem = random_features_problem(width=3)
+  lam = np.linalg.eigvalsh(problem.kernel_matrix())
+  assert lam[0] < 1e-12 * lam[-1]
+  kw = dict(learning_rate=stable_lr(problem, 0.3), trace_axes=problem.trace_axes)
+  ode = _ode(problem.k_train_train, problem.y_train, **kw, **TIGHT)
+  closed = dynamics.gradient_descent_mse(problem.k_train_train, problem.y_train, **kw)
+  for a, b in zip(_call(ode, problem, TIMES), _call(closed, problem, TIMES)):
+    assert_close(a, b)
+  jac = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+  kernel = jnp.asarray(jac) @ jnp.asarray(jac).T
+  assert np.linalg.eigvalsh(np.asarray(kernel))[0] < 0
+  out = _ode(kernel, np.ones((64, 1), np.float32), learning_rate=0.1)(3., 0.)
+  assert np.all(np.isfinite(out))
+  y = problem.y_train
+  np.testing.assert_array_equal(_ode(np.zeros((len(y),) * 2), y)(2., 0.), np.zeros_like(y))
+
+
+def test_kernel_checks_under_jit_match_the_closed_form():
+  """Under `jax.jit` the kernel is traced: like `gradient_descent_mse`, the factory skips the
+  symmetry and PSD checks (no error) and still runs; a valid kernel gives the eager result."""
+  problem = PROBLEMS["traced"]()
+  k, y = problem.k_train_train, problem.y_train
+  lam = np.linalg.eigvalsh(k)
+  shifted = k - (lam[-1] + lam[0]) / 2 * np.eye(len(k))
+  skew = np.array(k)
+  skew[0, 1] += 0.1 * np.max(np.abs(k))
+  lr = stable_lr(problem, 0.3)
+  ode = jax.jit(lambda kk: _ode(kk, y, learning_rate=lr)(2., 0.))
+  closed = jax.jit(lambda kk: dynamics.gradient_descent_mse(kk, y, learning_rate=lr)(2., 0.))
+  for bad in (shifted, skew):
+    for factory in (_ode, dynamics.gradient_descent_mse):
+      with pytest.raises(ValueError, match="`k_train_train`"):
+        factory(bad, y, learning_rate=lr)
+    assert ode(bad).shape == closed(bad).shape == y.shape
+  assert_close(ode(k), _ode(k, y, learning_rate=lr)(2., 0.), 1e-6)
+  assert_close(ode(k), closed(k), 1e-6)

@@ -281,3 +281,35 @@ def test_kwargs_given_per_side_as_in_neural_tangents(implementation):
   with pytest.raises(ValueError, match=r"kwarg `mask` is given per side.*kwargs_axes"):
     empirical_ntk_fn(f, vmap_axes=0, implementation=implementation)(
         x1, x2, params, mask=(m1, m2))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_rng_kwarg_is_split_between_sides_as_in_neural_tangents(implementation):
+  # Dropout: x2 gets fold_in(rng, 1) unless x2 equals x1, so different inputs see independent
+  # masks and equal inputs the same mask (x2=None keeps one key).
+  r = np.random.RandomState(1)
+  params = {"w": jnp.asarray(r.randn(3, 16)), "v": jnp.asarray(r.randn(16, 2))}
+
+  def f(p, x, rng=None):
+    h = jnp.tanh(x @ p["w"])
+    return jnp.where(jax.random.bernoulli(rng, 0.5, h.shape), 2 * h, 0.) @ p["v"]
+
+  def reference(xa, ka, xb, kb):
+    ja = jax.jacrev(lambda q: f(q, xa, rng=ka))(params)
+    jb = jax.jacrev(lambda q: f(q, xb, rng=kb))(params)
+    return sum(jnp.einsum("ak...,bk...->ab", ja[k], jb[k]) for k in ja) / 2
+
+  x1, x2 = jnp.asarray(r.randn(5, 3)), jnp.asarray(r.randn(4, 3))
+  fn = empirical_ntk_fn(f, implementation=implementation)
+  for key in (jax.random.PRNGKey(0), jax.random.key(0)):
+    other = jax.random.fold_in(key, 1)
+    zoo.assert_close(fn(x1, x2, params, rng=key), reference(x1, key, x2, other), TOL)
+    same = reference(x1, key, x1, key)
+    zoo.assert_close(fn(x1, None, params, rng=key), same, TOL)
+    zoo.assert_close(fn(x1, x1 + 0., params, rng=key), same, TOL)
+    # An explicit pair of keys is used as given.
+    zoo.assert_close(fn(x1, x2, params, rng=(key, key)), reference(x1, key, x2, key), TOL)
+  zoo.assert_close(empirical_nngp_fn(f)(x1, x2, params, rng=jax.random.PRNGKey(0)),
+                   jnp.einsum("ak,bk->ab", f(params, x1, rng=jax.random.PRNGKey(0)),
+                              f(params, x2, rng=jax.random.fold_in(jax.random.PRNGKey(0), 1)))
+                   / 2, TOL)

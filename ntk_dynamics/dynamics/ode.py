@@ -56,6 +56,12 @@ def gradient_descent(loss: Loss, k_train_train: Any, y_train: Any, learning_rate
     rtol, atol: local error tolerances of the solver, relative and in output units.
     max_steps: cap on solver steps per call; times not reached come back as NaN.
 
+  Raises:
+    ValueError: for a concrete `k_train_train` that is not symmetric or not positive
+      semi-definite up to rounding (as `gradient_descent_mse`: λ_min < −max(10·A·eps, √eps)·λ_max,
+      or λ_max ≤ 0 for a nonzero kernel; checked on Θ, before `diag_reg`), among other bad
+      arguments. Under `jax.jit` the kernel is traced and these two checks are skipped.
+
   Returns:
     `predict(t, fx_train_0=0., fx_test_0=None, k_test_train=None)`, jittable, with `t` a
     scalar or array (any shape, any order) of times in steps, flow time τ = η t (τ = √η t
@@ -71,7 +77,12 @@ def gradient_descent(loss: Loss, k_train_train: Any, y_train: Any, learning_rate
   _inputs.check_scalar(fn, "atol", atol, positive=True)
   max_steps = _inputs.check_int(fn, "max_steps", max_steps)
   layout = _inputs.Layout.create(fn, y_train, trace_axes)
-  k_matrix = layout.train_kernel(fn, "k_train_train", k_train_train)
+  k_matrix = layout.train_kernel(fn, "k_train_train", k_train_train)  # checks symmetry
+  if _inputs.is_concrete(k_matrix) and k_matrix.size:
+    # As in `gradient_descent_mse`: Θ itself must be PSD (diag_reg does not excuse it), at the
+    # kernel's own precision; skipped under `jax.jit`, where the kernel is traced.
+    _inputs.check_psd(fn, "k_train_train", tuple(jnp.shape(k_train_train)),
+                      jnp.linalg.eigvalsh((k_matrix + k_matrix.T) / 2), k_matrix.dtype)
   dtype = jnp.result_type(k_matrix.dtype, jnp.asarray(y_train).dtype, float)
   y = jnp.asarray(y_train, dtype)
   check_finite("y_train", y)

@@ -179,11 +179,27 @@ def _ntk(f, params, x1, x2, kwargs, output_axes, vmap_axes, implementation,
   raise ValueError(f"Unknown implementation {implementation!r}.")
 
 
+def _rng_per_side(key: jax.Array, x1: PyTree, x2: PyTree) -> tuple[jax.Array, jax.Array]:
+  """neural-tangents' `rng` convention: the x2 side gets `fold_in(key, 1)` unless x2 equals x1
+  (same structure, shapes and values), so stochastic layers (dropout) draw independent noise
+  for different inputs and the same noise for the same inputs."""
+  leaves1, tree1 = jax.tree.flatten(x1)
+  leaves2, tree2 = jax.tree.flatten(x2)
+  other = jax.random.fold_in(key, 1)
+  if tree1 != tree2 or [np.shape(a) for a in leaves1] != [np.shape(b) for b in leaves2]:
+    return key, other
+  same = jnp.all(jnp.asarray([jnp.all(a == b) for a, b in zip(leaves1, leaves2)]))
+  return key, jax.lax.select(same, key, other)
+
+
 def _per_side(f: Callable, x1: PyTree, x2: Optional[PyTree], kwargs: dict,
               vmap_axes: Optional[batching.VmapAxes]):
   """neural-tangents' kwargs convention: a kwarg given as a 2-tuple `(for_x1, for_x2)` is
-  split between the two sides. Such kwargs travel with the inputs, `x = (x, side_kwargs)`, so
+  split between the two sides, and so is a single `rng` key when x2 is given
+  (`_rng_per_side`). Such kwargs travel with the inputs, `x = (x, side_kwargs)`, so
   every implementation sees one `f`. Returns (f, x1, x2, shared kwargs, vmap_axes)."""
+  if x2 is not None and kwargs.get("rng") is not None and not isinstance(kwargs["rng"], tuple):
+    kwargs = dict(kwargs, rng=_rng_per_side(kwargs["rng"], x1, x2))
   sided = {k: v for k, v in kwargs.items() if isinstance(v, tuple) and len(v) == 2}
   if not sided:
     return f, x1, x2, kwargs, vmap_axes

@@ -243,3 +243,151 @@ def test_precision_reaches_every_block_and_every_kernel():
       text = jax.jit(lambda a: fn(a, None, p32)).lower(x).as_text()
     dots = re.findall(r"dot_general[^\n]*", text)
     assert dots and all("HIGHEST" in d for d in dots)
+
+
+# ----------------------------------------------------------------------------- per-example kwargs
+
+M10 = RNG.normal(size=(10, HIDDEN))
+M10B = RNG.normal(size=(10, HIDDEN))
+M7 = RNG.normal(size=(7, HIDDEN))
+
+
+def masked_mlp(params, x, mask):  # the output of example n depends on mask[n]
+  return jnp.tanh((x @ params["w1"] + params["b1"]) * mask) @ params["w2"]
+
+
+def _masked_ntk(**axes):
+  return api.empirical_ntk_fn(masked_mlp, vmap_axes=(0, 0, {"mask": 0}), **axes)
+
+
+@pytest.mark.parametrize("trace_axes,diagonal_axes", AXES)
+def test_per_example_kwargs_match_unblocked(trace_axes, diagonal_axes):
+  ntk_fn = _masked_ntk(trace_axes=trace_axes, diagonal_axes=diagonal_axes)
+  batch_full = 0 not in trace_axes and 0 not in diagonal_axes
+  blocked = blocks.batch(ntk_fn, 3, kwargs_axes={"mask": 0})   # 10 = 3 + 3 + 3 + 1
+  # x2=None with one array: it belongs to both sides; the kernel is symmetric and mirrored.
+  assert_close(blocked(X10, None, PARAMS, mask=M10), ntk_fn(X10, None, PARAMS, mask=M10))
+  plan = blocked.plan(X10, None, PARAMS, mask=M10)
+  assert plan.mirrored and len(plan.blocks) == (10 if batch_full else 4)
+  # x2 given: a 2-tuple (for_x1, for_x2).
+  x2, m2 = (X7, M7) if batch_full else (X10B, M10B)
+  assert_close(blocked(X10, x2, PARAMS, mask=(M10, m2)), ntk_fn(X10, x2, PARAMS, mask=(M10, m2)))
+
+
+def test_per_example_kwargs_sided_with_x2_none_is_not_mirrored():
+  ntk_fn = _masked_ntk(trace_axes=())
+  blocked = blocks.batch(ntk_fn, 3, kwargs_axes={"mask": 0}, store_on_host=True)
+  # Different halves: Θ((x, m), (x, m')) is not symmetric, so every block is evaluated.
+  ref = ntk_fn(X10, None, PARAMS, mask=(M10, M10B))
+  assert not np.allclose(ref, np.transpose(ref, (1, 0, 3, 2)))
+  assert_close(blocked(X10, None, PARAMS, mask=(M10, M10B)), ref)
+  plan = blocked.plan(X10, None, PARAMS, mask=(M10, M10B))
+  assert not plan.mirrored and len(plan.blocks) == 16
+  # Equal halves (even as different objects) keep the symmetric plan.
+  assert blocked.plan(X10, None, PARAMS, mask=(M10, M10.copy())).mirrored
+  assert_close(blocked(X10, None, PARAMS, mask=(M10, M10)), ntk_fn(X10, None, PARAMS, mask=M10))
+
+
+def test_unbatched_sided_kwarg_turns_mirroring_off():
+  # A per-side kwarg without a batch axis (one hidden-unit mask per side) also makes the
+  # x2=None kernel asymmetric; before, its blocks were mirrored (wrongly).
+  ntk_fn = api.empirical_ntk_fn(masked_mlp, trace_axes=())
+  side = (M10[0], M10B[0])
+  ref = ntk_fn(X10, None, PARAMS, mask=side)
+  assert not np.allclose(ref, np.transpose(ref, (1, 0, 3, 2)))
+  blocked = blocks.batch(ntk_fn, 4)
+  assert not blocked.plan(X10, None, PARAMS, mask=side).mirrored
+  assert_close(blocked(X10, None, PARAMS, mask=side), ref)
+
+
+_MASK_FORMS = set()
+
+
+def test_per_example_kwargs_reach_blocks_in_per_side_form():
+  ntk_fn = _masked_ntk(trace_axes=())
+
+  def spying(x1, x2, params, mask):  # runs when a block is traced
+    _MASK_FORMS.add((x2 is None, type(mask).__name__ if isinstance(mask, tuple) else "array",
+                     tuple(np.shape(m) for m in (mask if isinstance(mask, tuple) else (mask,)))))
+    return ntk_fn(x1, x2, params, mask=mask)
+
+  blocked = blocks.batch(spying, 4, kwargs_axes={"mask": 0}, trace_axes=())
+  assert_close(blocked(X10, None, PARAMS, mask=M10), ntk_fn(X10, None, PARAMS, mask=M10))
+  # Diagonal blocks (x2=None) get one array of their rows; off-diagonal ones the 2-tuple.
+  assert ((True, "array", ((4, HIDDEN),)) in _MASK_FORMS
+          and (False, "tuple", ((4, HIDDEN), (4, HIDDEN))) in _MASK_FORMS)
+  assert all(not x2_none or form == "array" for x2_none, form, _ in _MASK_FORMS)
+
+
+def test_per_example_kwargs_pytree_other_axis_and_memory_budget():
+  def gated(params, x, gate):
+    h = jnp.tanh(x @ params["w1"] + params["b1"])
+    return (h * gate["scale"] + gate["shift"]) @ params["w2"]
+
+  ntk_fn = api.empirical_ntk_fn(gated, trace_axes=())
+  g10 = {"scale": M10, "shift": jnp.asarray(M10B)}   # numpy and jax leaves
+  g7 = {"scale": M7, "shift": M7[::-1].copy()}
+  blocked = blocks.batch(ntk_fn, (4, 3), kwargs_axes={"gate": 0}, store_on_host=True)
+  assert_close(blocked(X10, X7, PARAMS, gate=(g10, g7)), ntk_fn(X10, X7, PARAMS, gate=(g10, g7)))
+  assert_close(blocked(X10, None, PARAMS, gate=g10), ntk_fn(X10, None, PARAMS, gate=g10))
+
+  # Batch axis 1 (or -1): mask of shape (HIDDEN, N).
+  def masked_t(params, x, mask):
+    return masked_mlp(params, x, mask.T)
+
+  ntk_t = api.empirical_ntk_fn(masked_t, vmap_axes=(0, 0, {"mask": 1}), trace_axes=())
+  for axis in (1, -1):
+    blocked = blocks.batch(ntk_t, 3, kwargs_axes={"mask": axis, "unused": None})
+    assert_close(blocked(X10, X7, PARAMS, mask=(M10.T, M7.T)),
+                 ntk_t(X10, X7, PARAMS, mask=(M10.T, M7.T)))
+    assert_close(blocked(X10, None, PARAMS, mask=M10.T), ntk_t(X10, None, PARAMS, mask=M10.T))
+
+  # The memory-budget path probes blocks with the sliced kwargs too.
+  kw = dict(gate=(g10, g7))
+  whole = blocks.batch(ntk_fn, memory_bytes=1e12, kwargs_axes={"gate": 0}).plan(
+      X10, X7, PARAMS, **kw)
+  assert whole.block_size == (10, 7)
+  budgeted = blocks.batch(ntk_fn, memory_bytes=whole.bytes_per_block - 1,
+                          kwargs_axes={"gate": 0})
+  plan = budgeted.plan(X10, X7, PARAMS, **kw)
+  assert plan.block_size[0] < 10 and plan.bytes_per_block < whole.bytes_per_block
+  assert_close(budgeted(X10, X7, PARAMS, **kw), ntk_fn(X10, X7, PARAMS, **kw))
+
+
+def test_per_example_kwargs_errors():
+  ntk_fn = _masked_ntk(trace_axes=())
+  blocked = blocks.batch(ntk_fn, 3, kwargs_axes={"mask": 0})
+  with pytest.raises(ValueError, match=r"kwarg `mask` is per-example .* shape \(10, 8\) while "
+                                       r"x2 is given.*2-tuple \(for_x1, for_x2\)"):
+    blocked(X10, X7, PARAMS, mask=M10)
+  with pytest.raises(ValueError, match=r"kwarg `mask` \(its x2 half\) has a leaf of shape "
+                                       r"\(5, 8\) .* length 5; expected 7, .* in x2"):
+    blocked(X10, X7, PARAMS, mask=(M10, M7[:5]))
+  with pytest.raises(ValueError, match=r"kwarg `mask` has a leaf of shape \(7, 8\) .* length "
+                                       r"7; expected 10, .* in x1"):
+    blocked.plan(X10, None, PARAMS, mask=M7)
+  with pytest.raises(ValueError, match=r"kwarg `mask` has a leaf of shape \(10, 8\), which has "
+                                       r"no batch axis 2"):
+    blocks.batch(ntk_fn, 3, kwargs_axes={"mask": 2})(X10, None, PARAMS, mask=M10)
+  for bad in ([0], {"mask": 1.5}, {"mask": True}, {0: 0}):
+    with pytest.raises(TypeError, match="kwargs_axes"):
+      blocks.batch(ntk_fn, 3, kwargs_axes=bad)
+
+
+# ----------------------------------------------------------------------------- tracing
+
+
+def test_blocked_refuses_to_be_traced():
+  blocked = blocks.batch(_FULL_NTK, 4)
+  eager = r"outside `jax.jit`/`vmap`/`grad`.*jitted per block"
+  with pytest.raises(TypeError, match=r"traced value in `x1`.*" + eager):
+    jax.jit(lambda x: blocked(x, None, PARAMS))(X10)
+  with pytest.raises(TypeError, match=r"traced value in `x2`"):
+    jax.jit(lambda x: blocked.plan(X10, x, PARAMS))(X7)
+  with pytest.raises(TypeError, match=r"traced value in `args\[0\]`"):
+    jax.grad(lambda p: blocked(X10, None, p).sum())(PARAMS)
+  with pytest.raises(TypeError, match=r"traced value in `x1`"):
+    jax.vmap(lambda x: blocked(x, None, PARAMS))(X10[None])
+  masked = blocks.batch(_masked_ntk(trace_axes=()), 4, kwargs_axes={"mask": 0})
+  with pytest.raises(TypeError, match=r"traced value in kwarg `mask`"):
+    jax.jit(lambda m: masked(X10, None, PARAMS, mask=m))(M10)

@@ -46,6 +46,25 @@ for kernel_fn, second, host, kw in [
   report["errors"].append(rel_err(out, kernel_fn(x1, second, params)))
   report["positions"].append(sorted(set(ran)))
   report.setdefault("devices", []).append(len(blocked.plan(x1, second, params).devices))
+
+# Per-example kwargs (kwargs_axes) sliced per block on every device; the memory path probes too.
+def masked(p, x, mask):
+  return jnp.tanh((x @ p["w1"]) * mask) @ p["w2"]
+masked_fn = api.empirical_ntk_fn(masked, vmap_axes=(0, 0, {"mask": 0}), trace_axes=())
+m1, m2, m1b = rng.normal(size=(11, 8)), rng.normal(size=(9, 8)), rng.normal(size=(11, 8))
+report["mask_errors"], report["mask_mirrored"] = [], []
+whole = blocks.batch(masked_fn, memory_bytes=1e12, kwargs_axes={"mask": 0}).plan(
+    x1, x2, params, mask=(m1, m2))
+for second, mask, kw in [(None, m1, {"batch_size": 3}),
+                         (x2, (m1, m2), {"batch_size": 3, "store_on_host": True}),
+                         (None, (m1, m1b), {"batch_size": 3}),
+                         (x2, (m1, m2), {"memory_bytes": whole.bytes_per_block - 1})]:
+  blocked = blocks.batch(masked_fn, kwargs_axes={"mask": 0}, **kw)
+  out = blocked(x1, second, params, mask=mask)
+  report["mask_errors"].append(rel_err(out, masked_fn(x1, second, params, mask=mask)))
+  plan = blocked.plan(x1, second, params, mask=mask)
+  report["mask_mirrored"].append(plan.mirrored)
+  report.setdefault("mask_blocks", []).append(len(plan.blocks))
 print("REPORT" + json.dumps(report))
 """
 
@@ -66,3 +85,6 @@ def test_blocks_run_on_four_devices():
   assert report["devices"] == [4, 4, 4, 2]
   # Every device evaluated blocks (mesh positions 0..3; 0..1 for the 2-device mesh).
   assert report["positions"] == [[0, 1, 2, 3]] * 3 + [[0, 1]], report
+  assert all(e <= 1e-12 for e in report["mask_errors"]), report
+  assert report["mask_mirrored"] == [True, False, False, False], report
+  assert min(report["mask_blocks"]) > 1, report

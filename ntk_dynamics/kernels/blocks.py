@@ -26,8 +26,29 @@ and returns a function with the same signature that evaluates Θ(x1, x2) block b
 
 Blocking is exact only for models whose outputs for one example do not depend on other
 examples (no batch statistics, no attention across the batch) -- the same requirement as
-`vmap_axes` and as neural-tangents' `nt.batch`. Keyword arguments are passed unchanged to
-every block, so they must not be per-example arrays.
+`vmap_axes` and as neural-tangents' `nt.batch`. Stochastic models (an `rng` kwarg) are not
+exact either: their noise depends on the block's shape, and the x2 side of an off-diagonal
+block of an `x2=None` call gets `fold_in(rng, 1)` (see `empirical_ntk_fn`).
+
+Keyword arguments are passed unchanged to every block unless `kwargs_axes` names their batch
+axis. Such a per-example kwarg is sliced like the inputs and handed to `kernel_fn` in
+neural-tangents' per-side form `(for_x1, for_x2)` (every leaf of a pytree is sliced):
+
+  * given as a 2-tuple `(for_x1, for_x2)`: block (i, j) gets (rows i of for_x1, rows j of
+    for_x2). With `x2=None` the kernel is then Θ((x, for_x1), (x, for_x2)), which is not
+    symmetric unless the halves are equal, so every block is evaluated (none mirrored);
+  * given as one array with `x2=None`: it belongs to both sides. Diagonal blocks (evaluated
+    with `x2=None`) get rows i; off-diagonal blocks, evaluated with explicit x1 and x2 blocks,
+    get the 2-tuple (rows i, rows j). Mirroring stays exact: the kernel is symmetric;
+  * one array with `x2` given is ambiguous and refused (pass the 2-tuple).
+
+Any 2-tuple kwarg whose halves differ (per-example or not) also turns mirroring off in an
+`x2=None` call, since Θ is then not symmetric.
+
+Blocked evaluation is host-driven (a Python loop over blocks, host copies, memory probing), so
+a `Blocked` function runs eagerly and cannot be traced: calling it (or `plan`) inside
+`jax.jit`, `jax.vmap` or `jax.grad` raises a `TypeError`. The wrapped kernel function is
+jitted per block already.
 """
 from __future__ import annotations
 
@@ -36,7 +57,7 @@ import functools
 import math
 import sys
 import warnings
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -194,6 +215,128 @@ def _dtype(a) -> np.dtype:
   return np.dtype(a.dtype) if hasattr(a, "dtype") else np.result_type(a)
 
 
+def _check_kwargs_axes(kwargs_axes) -> dict[str, int]:
+  """`kwargs_axes` as {name: batch axis} for the batched kwargs only (None entries dropped)."""
+  if kwargs_axes is None:
+    return {}
+  if not isinstance(kwargs_axes, Mapping):
+    raise TypeError("`kwargs_axes` must be a dict {kwarg name: batch axis (int) or None}, got "
+                    f"{type(kwargs_axes).__name__}.")
+  out = {}
+  for name, axis in kwargs_axes.items():
+    if not isinstance(name, str):
+      raise TypeError(f"`kwargs_axes` keys must be kwarg names (str), got {name!r}.")
+    if axis is None:
+      continue
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+      raise TypeError(f"`kwargs_axes['{name}']` must be a batch axis (int) or None, got "
+                      f"{axis!r}.")
+    out[name] = int(axis)
+  return out
+
+
+def _check_not_traced(x1, x2, args: tuple, kwargs: dict) -> None:
+  """Blocked evaluation loops over blocks on the host: refuse traced inputs up front."""
+  named = [("`x1`", x1), ("`x2`", x2)]
+  named += [(f"`args[{i}]` (positional arguments after x2)", a) for i, a in enumerate(args)]
+  named += [(f"kwarg `{k}`", v) for k, v in kwargs.items()]
+  for name, tree in named:
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree)):
+      raise TypeError(
+          f"A `batch(...)` function got a traced value in {name}: it is being called inside "
+          "`jax.jit`, `jax.vmap`, `jax.grad` or another transformation. Blocked evaluation "
+          "runs eagerly, block by block (a Python loop over blocks, host copies, memory "
+          "probing), so it cannot be traced: call it outside `jax.jit`/`vmap`/`grad`. The "
+          "kernel function it wraps is already jitted per block.")
+
+
+def _shapes(value) -> Any:
+  """Leaf shape(s) of a kwarg value, for error messages."""
+  shapes = [tuple(np.shape(l)) for l in jax.tree.leaves(value)]
+  return shapes[0] if len(shapes) == 1 and not isinstance(value, (dict, list, tuple)) \
+      else shapes
+
+
+def _batch_axis_first(a, where: str, axis: int, n: int, source: str):
+  """Checks a leaf of a per-example kwarg and moves its batch axis to 0 (blocks slice axis 0)."""
+  shape = tuple(np.shape(a))
+  if not -len(shape) <= axis < len(shape):
+    raise ValueError(f"{where} has a leaf of shape {shape}, which has no batch axis {axis} "
+                     "(`kwargs_axes`).")
+  if shape[axis] != n:
+    raise ValueError(f"{where} has a leaf of shape {shape} whose batch axis {axis} "
+                     f"(`kwargs_axes`) has length {shape[axis]}; expected {n}, the number of "
+                     f"examples in {source}.")
+  axis %= len(shape)
+  if axis == 0:
+    return a
+  return np.moveaxis(a, axis, 0) if isinstance(a, np.ndarray) else jnp.moveaxis(a, axis, 0)
+
+
+def _split_kwargs(kwargs: dict, kwargs_axes: dict, symmetric: bool, n1: int, n2: int):
+  """Separates the per-example kwargs (named in `kwargs_axes`) from those passed unchanged.
+
+  Returns (plain kwargs, side1, side2, spec): side1/side2 map each per-example kwarg to its
+  x1/x2 value with the batch axis moved to 0 (for a single array with `x2=None`, the same
+  value on both sides); spec is ((name, given as a 2-tuple, axis), ...), with which a block
+  rebuilds them.
+  """
+  plain, side1, side2, spec = {}, {}, {}, []
+  for name, value in kwargs.items():
+    axis = kwargs_axes.get(name)
+    if axis is None or not jax.tree.leaves(value):
+      plain[name] = value
+      continue
+    sided = isinstance(value, tuple) and len(value) == 2
+    if not sided and not symmetric:
+      raise ValueError(
+          f"kwarg `{name}` is per-example (kwargs_axes={{'{name}': {axis}}}) but is given as "
+          f"one value of shape {_shapes(value)} while x2 is given, so which rows go with x2 is "
+          f"ambiguous. Pass a 2-tuple (for_x1, for_x2) with {n1} and {n2} examples along "
+          f"axis {axis}.")
+    halves = value if sided else (value,)
+    sources = ("x1", "x2" if not symmetric else "x1 (x2=None)")
+    moved = [jax.tree.map(functools.partial(
+        _batch_axis_first, where=f"kwarg `{name}`" + (f" (its {side} half)" if sided else ""),
+        axis=axis, n=n, source=source), half)
+        for half, side, n, source in zip(halves, ("x1", "x2"), (n1, n2), sources)]
+    side1[name], side2[name] = moved[0], moved[-1]
+    spec.append((name, sided, axis))
+  return plain, side1, side2, tuple(spec)
+
+
+def _same(a, b) -> bool:
+  """Whether two kwarg values are equal (the halves of a 2-tuple kwarg)."""
+  if a is b:
+    return True
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  if ta != tb:
+    return False
+  for x, y in zip(la, lb):
+    if x is y:
+      continue
+    if isinstance(x, (jax.Array, np.ndarray)) or isinstance(y, (jax.Array, np.ndarray)):
+      if (np.shape(x) != np.shape(y) or _dtype(x) != _dtype(y)
+          or not np.array_equal(np.asarray(x), np.asarray(y))):
+        return False
+    else:
+      try:
+        if not bool(x == y):
+          return False
+      except Exception:  # pylint: disable=broad-except
+        return False
+  return True
+
+
+def _asymmetric_kwarg(kwargs: dict) -> Optional[str]:
+  """A kwarg given per side with different halves, which makes an x2=None kernel asymmetric."""
+  for name, value in kwargs.items():
+    if isinstance(value, tuple) and len(value) == 2 and not _same(*value):
+      return name
+  return None
+
+
 def _abstract_block(x: PyTree, n: int, lead: bool = False) -> PyTree:
   """Abstract block of `n` examples of `x` (with a leading axis of 1 when `lead`)."""
   return jax.tree.map(
@@ -269,8 +412,10 @@ class Blocked:
 
   def __init__(self, kernel_fn: Callable, batch_size, memory_bytes, store_on_host: bool,
                devices: tuple, precision: Optional[str], progress: bool,
-               output_axes: Optional[axes_lib.OutputAxes]):
+               output_axes: Optional[axes_lib.OutputAxes],
+               kwargs_axes: Optional[Mapping[str, Optional[int]]] = None):
     self.kernel_fn = kernel_fn
+    self.kwargs_axes = _check_kwargs_axes(kwargs_axes)
     self.batch_size = batch_size
     self.memory_bytes = memory_bytes
     self.store_on_host = bool(store_on_host)
@@ -300,11 +445,13 @@ class Blocked:
     found = getattr(self.kernel_fn, "output_axes", None)
     return found if isinstance(found, axes_lib.OutputAxes) else None
 
-  def _round_fn(self, key, rebuild, kind: str, mesh: Mesh) -> Callable:
+  def _round_fn(self, key, rebuild, spec: tuple, kind: str, mesh: Mesh) -> Callable:
     """jit(shard_map(...)) evaluating one block per device; leaves (D, block...) in and out.
 
-    Probes (shapes, memory) use the same function on a one-device mesh, so `kernel_fn` always
-    runs with the mesh axis `BLOCK_AXIS` bound.
+    Inputs are sides `(x, per-example kwargs)` (see `_split_kwargs`; `spec` says how to
+    rebuild those kwargs). A "sym" block gets side 1 and the x2 halves of the kwargs given as
+    2-tuples, sliced at the same rows. Probes (shapes, memory) use the same function on a
+    one-device mesh, so `kernel_fn` always runs with the mesh axis `BLOCK_AXIS` bound.
     """
     cache_key = None if key is None else (key, kind, mesh)
     fn = self._round_cache.get(cache_key) if cache_key is not None else None
@@ -312,19 +459,30 @@ class Blocked:
       return fn
     kernel_fn = self.kernel_fn
 
+    def unlead(tree):
+      return jax.tree.map(lambda a: a[0], tree)
+
+    def restore(tree, axis):  # batch axis back where kernel_fn expects it
+      return jax.tree.map(lambda a: jnp.moveaxis(a, 0, axis % a.ndim), tree)
+
     if kind == "sym":
-      def local(x1r, dyn):
+      def local(s1r, k2r, dyn):
         args, kwargs = rebuild(dyn)
-        out = kernel_fn(jax.tree.map(lambda a: a[0], x1r), None, *args, **kwargs)
+        (x1b, k1b), k2b = unlead(s1r), unlead(k2r)
+        for name, sided, axis in spec:
+          kw1 = restore(k1b[name], axis)
+          kwargs[name] = (kw1, restore(k2b[name], axis)) if sided else kw1
+        out = kernel_fn(x1b, None, *args, **kwargs)
         return jax.tree.map(lambda o: o[None], out)
-      in_specs = (P(BLOCK_AXIS), P())
     else:
-      def local(x1r, x2r, dyn):
+      def local(s1r, s2r, dyn):
         args, kwargs = rebuild(dyn)
-        out = kernel_fn(jax.tree.map(lambda a: a[0], x1r), jax.tree.map(lambda a: a[0], x2r),
-                        *args, **kwargs)
+        (x1b, k1b), (x2b, k2b) = unlead(s1r), unlead(s2r)
+        for name, _, axis in spec:
+          kwargs[name] = (restore(k1b[name], axis), restore(k2b[name], axis))
+        out = kernel_fn(x1b, x2b, *args, **kwargs)
         return jax.tree.map(lambda o: o[None], out)
-      in_specs = (P(BLOCK_AXIS), P(BLOCK_AXIS), P())
+    in_specs = (P(BLOCK_AXIS), P(BLOCK_AXIS), P())
 
     fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs,
                                out_specs=P(BLOCK_AXIS), check_vma=False))
@@ -332,9 +490,9 @@ class Blocked:
       self._round_cache[cache_key] = fn
     return fn
 
-  def _measure(self, probe, x1, x2, dyn, b: int) -> dict:
-    x1a = _abstract_block(x1, b, lead=True)
-    x2a = _abstract_block(x1 if x2 is None else x2, b, lead=True)
+  def _measure(self, probe, s1, s2, dyn, b: int) -> dict:
+    x1a = _abstract_block(s1, b, lead=True)
+    x2a = _abstract_block(s2, b, lead=True)
     with self._precision_ctx():
       compiled = probe.lower(x1a, x2a, dyn).compile()
     stats = compiled.memory_analysis()
@@ -349,16 +507,16 @@ class Blocked:
     return dict(total=args + temp + 2 * out - alias, arguments=args, temporaries=temp,
                 outputs=out)
 
-  def _block_from_memory(self, probe, x1, x2, dyn, nmax: int) -> tuple[int, int]:
+  def _block_from_memory(self, probe, s1, s2, dyn, nmax: int) -> tuple[int, int]:
     budget = self.memory_bytes
     measured = {}
 
     def measure(b):
       if b not in measured:
-        measured[b] = self._measure(probe, x1, x2, dyn, b)
+        measured[b] = self._measure(probe, s1, s2, dyn, b)
       return measured[b]["total"]
 
-    one = self._measure(probe, x1, x2, dyn, 1)
+    one = self._measure(probe, s1, s2, dyn, 1)
     measured[1] = one
     if one["total"] > budget:
       raise ValueError(
@@ -393,6 +551,7 @@ class Blocked:
   # -- planning ------------------------------------------------------------------------
 
   def _prepare(self, x1, x2, args, kwargs):
+    _check_not_traced(x1, x2, args, kwargs)
     n1 = _num_examples(x1, "x1")
     symmetric = x2 is None
     n2 = n1 if symmetric else _num_examples(x2, "x2")
@@ -405,13 +564,18 @@ class Blocked:
           raise ValueError(f"`x1` and `x2` have different feature shapes: x1 {np.shape(a)} "
                            f"vs x2 {np.shape(b)} (they may differ only along the batch axis "
                            "0).")
-    dyn, rebuild, key = _split_args(args, kwargs)
-    probe = self._round_fn(key, rebuild, "pair", self._probe_mesh)
-    xa = x1 if symmetric else x2
-    sig = lambda tree: tuple((tuple(np.shape(l))[1:], str(_dtype(l)))
-                             for l in jax.tree.leaves(tree))
+    plain, kw1, kw2, spec = _split_kwargs(kwargs, self.kwargs_axes, symmetric, n1, n2)
+    # Blocks take sides (x, per-example kwargs with their batch axis at 0).
+    side1, side2 = (x1, kw1), (x1 if symmetric else x2, kw2)
+    extra = {name: kw2[name] for name, sided, _ in spec if sided}  # for "sym" blocks
+    dyn, rebuild, key = _split_args(args, plain)
+    key = None if key is None else (key, spec)
+    probe = self._round_fn(key, rebuild, spec, "pair", self._probe_mesh)
+    sig = lambda tree: (jax.tree.structure(tree),
+                        tuple((tuple(np.shape(l))[1:], str(_dtype(l)))
+                              for l in jax.tree.leaves(tree)))
     dyn_sig = tuple((np.shape(l), str(_dtype(l))) for l in dyn)
-    layout_key = None if key is None else (key, sig(x1), sig(xa), dyn_sig,
+    layout_key = None if key is None else (key, sig(side1), sig(side2), dyn_sig,
                                            jax.config.jax_enable_x64)
     layout = self._layout_cache.get(layout_key) if layout_key is not None else None
     if layout is None:
@@ -419,8 +583,8 @@ class Blocked:
       with self._precision_ctx():
         out_a, out_c = (jax.tree.map(
             lambda o: jax.ShapeDtypeStruct(o.shape[1:], o.dtype),
-            jax.eval_shape(probe, _abstract_block(x1, n, True), _abstract_block(xa, n, True),
-                           dyn))
+            jax.eval_shape(probe, _abstract_block(side1, n, True),
+                           _abstract_block(side2, n, True), dyn))
             for n in (a, c))
       layout = (_roles(out_a, out_c, a, c), jax.tree.structure(out_a), jax.tree.leaves(out_a))
       if layout_key is not None:
@@ -433,8 +597,10 @@ class Blocked:
     output_axes = self._output_axes()
     perms = [(_mirror_perm(l.shape, output_axes) if r == FULL else None)
              for l, r in zip(leaves_a, roles)]
-    mirrored = symmetric and all(p is not None for p, r in zip(perms, roles) if r == FULL)
-    if symmetric and not mirrored and not self._warned:
+    layout_known = all(p is not None for p, r in zip(perms, roles) if r == FULL)
+    # A kwarg given per side with different halves makes Θ(x, x) asymmetric: no mirroring.
+    mirrored = symmetric and layout_known and _asymmetric_kwarg(kwargs) is None
+    if symmetric and not layout_known and not self._warned:
       self._warned = True
       warnings.warn("batch: cannot tell the layout of the kernel's non-batch axes, so the "
                     "lower-triangle blocks of this x2=None call are evaluated rather than "
@@ -448,7 +614,7 @@ class Blocked:
       size_key = None if layout_key is None else (layout_key, n1, n2)
       cached = self._size_cache.get(size_key) if size_key is not None else None
       if cached is None:
-        cached = self._block_from_memory(probe, x1, x2, dyn, max(n1, n2))
+        cached = self._block_from_memory(probe, side1, side2, dyn, max(n1, n2))
         if size_key is not None:
           self._size_cache[size_key] = cached
       b, bytes_per_block = cached
@@ -484,11 +650,13 @@ class Blocked:
                      blocks=tuple((t.i, t.j) for t in tasks), devices=self.devices,
                      bytes_per_block=None if bytes_per_block is None else int(bytes_per_block))
     return dict(plan=plan, tasks=tasks, treedef=treedef, leaves=leaves_a, roles=roles,
-                perms=perms, dyn=dyn, rebuild=rebuild, key=key)
+                perms=perms, dyn=dyn, rebuild=rebuild, key=key, spec=spec,
+                sides=(side1, side2), extra=extra)
 
   def plan(self, x1: PyTree, x2: Optional[PyTree], *args, **kwargs) -> BlockPlan:
     """The blocks a call with these arguments evaluates (nothing is evaluated; the memory
-    path compiles a few small blocks to measure them)."""
+    path compiles a few small blocks to measure them). Like the call, it must run outside
+    `jax.jit`/`vmap`/`grad` (a `TypeError` otherwise)."""
     return self._prepare(x1, x2, args, kwargs)["plan"]
 
   # -- assembly ------------------------------------------------------------------------
@@ -558,6 +726,8 @@ class Blocked:
   # -- call ----------------------------------------------------------------------------
 
   def __call__(self, x1: PyTree, x2: Optional[PyTree], *args, **kwargs) -> PyTree:
+    """Θ(x1, x2) assembled from blocks. Runs eagerly: a `TypeError` inside `jax.jit` (or any
+    other transformation); `kernel_fn` itself is jitted per block."""
     prep = self._prepare(x1, x2, args, kwargs)
     plan, tasks, roles, perms = prep["plan"], prep["tasks"], prep["roles"], prep["perms"]
     n_dev = len(self.devices)
@@ -572,7 +742,7 @@ class Blocked:
 
     sharded = NamedSharding(self.mesh, P(BLOCK_AXIS))
     dyn = jax.device_put(prep["dyn"], NamedSharding(self.mesh, P()))
-    x2_src = x1 if x2 is None else x2
+    side1, side2 = prep["sides"]
 
     groups: dict = {}
     for t in tasks:
@@ -610,16 +780,17 @@ class Blocked:
     try:
       with self._precision_ctx():
         for (kind, diag, size1, size2), group in groups.items():
-          fn = self._round_fn(prep["key"], prep["rebuild"], kind, self.mesh)
+          fn = self._round_fn(prep["key"], prep["rebuild"], prep["spec"], kind, self.mesh)
           mirror = plan.mirrored and kind == "pair"
           for start in range(0, len(group), n_dev):
             chunk = group[start:start + n_dev]
             padded = chunk + [dataclasses.replace(chunk[-1], weight=0.0)] * (n_dev - len(chunk))
-            x1r = gather(x1, [t.start1 for t in padded], size1)
+            starts1 = [t.start1 for t in padded]
+            s1r = gather(side1, starts1, size1)
             if kind == "sym":
-              outs = fn(x1r, dyn)
+              outs = fn(s1r, gather(prep["extra"], starts1, size1), dyn)
             else:
-              outs = fn(x1r, gather(x2_src, [t.start2 for t in padded], size2), dyn)
+              outs = fn(s1r, gather(side2, [t.start2 for t in padded], size2), dyn)
             outs = jax.tree.leaves(outs)
             if pending is not None:
               write(pending)
@@ -636,7 +807,8 @@ def batch(kernel_fn: Callable[..., PyTree], batch_size: Union[None, int, tuple[i
           *, memory_bytes: Optional[float] = None, store_on_host: bool = False,
           devices: Optional[Sequence[Any]] = None, mesh: Optional[Mesh] = None,
           precision: precision_lib.Precision = None, progress: bool = False,
-          trace_axes: Any = None, diagonal_axes: Any = None) -> Blocked:
+          trace_axes: Any = None, diagonal_axes: Any = None,
+          kwargs_axes: Optional[Mapping[str, Optional[int]]] = None) -> Blocked:
   """Evaluates `kernel_fn` in blocks of x1 × x2, bounded in memory and spread over devices.
 
   Args:
@@ -670,10 +842,20 @@ def batch(kernel_fn: Callable[..., PyTree], batch_size: Union[None, int, tuple[i
       blocks of `x2=None` calls when they cannot be read from `kernel_fn` (this package's
       kernel functions, and functions that close over them, are recognised); giving one
       implies the neural-tangents default for the other ((-1,) and ()).
+    kwargs_axes: {kwarg name: batch axis, or None} for per-example keyword arguments (default:
+      none; other kwargs go unchanged to every block). A per-example kwarg is sliced along its
+      axis like the inputs (every leaf of a pytree), and its batch axis must have N1 (N2)
+      entries. Give it as a 2-tuple `(for_x1, for_x2)`; with `x2=None` one array also works
+      (it belongs to both sides). Each block hands it to `kernel_fn` in neural-tangents'
+      per-side form: the 2-tuple (rows of block i, rows of block j), or, for a diagonal block
+      of an `x2=None` call given one array, its rows alone (see the module docstring). This
+      matches `empirical_ntk_fn(f, vmap_axes=(in_axes, out_axes, kwargs_axes))`.
 
   Returns:
     `blocked(x1, x2, *args, **kwargs)` with `kernel_fn`'s signature and result (pytree and
-    layout), plus `blocked.plan(x1, x2, *args, **kwargs)` returning the `BlockPlan`.
+    layout), plus `blocked.plan(x1, x2, *args, **kwargs)` returning the `BlockPlan`. Both run
+    eagerly, block by block, and raise a `TypeError` when called inside `jax.jit`, `jax.vmap`
+    or `jax.grad` (call them outside; `kernel_fn` is already jitted per block).
   """
   sizes = _check_batch_size(batch_size)
   budget = _check_memory_bytes(memory_bytes)
@@ -689,4 +871,5 @@ def batch(kernel_fn: Callable[..., PyTree], batch_size: Union[None, int, tuple[i
     output_axes = axes_lib.OutputAxes.create((-1,) if trace_axes is None else trace_axes,
                                              () if diagonal_axes is None else diagonal_axes)
   return Blocked(kernel_fn, sizes, budget, store_on_host, _resolve_devices(devices, mesh),
-                 precision_lib.canonical_precision(precision), bool(progress), output_axes)
+                 precision_lib.canonical_precision(precision), bool(progress), output_axes,
+                 kwargs_axes)

@@ -313,3 +313,24 @@ def test_rng_kwarg_is_split_between_sides_as_in_neural_tangents(implementation):
                    jnp.einsum("ak,bk->ab", f(params, x1, rng=jax.random.PRNGKey(0)),
                               f(params, x2, rng=jax.random.fold_in(jax.random.PRNGKey(0), 1)))
                    / 2, TOL)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_pytree_kwarg_with_one_batch_axis(implementation):
+  # kwargs_axes gives one axis for a whole pytree kwarg, per side (2-tuple) or shared.
+  r = np.random.RandomState(2)
+  params = {"w": jnp.asarray(r.randn(4, 6)), "v": jnp.asarray(r.randn(6, 3))}
+
+  def f(p, x, cond=None):
+    return (jnp.tanh(x @ p["w"]) * cond["m"] + cond["b"][:, None]) @ p["v"]
+
+  def reference(xa, ca, xb, cb):
+    ja = jax.jacrev(lambda q: f(q, xa, cond=ca))(params)
+    jb = jax.jacrev(lambda q: f(q, xb, cond=cb))(params)
+    return sum(jnp.einsum("ak...,bk...->ab", ja[k], jb[k]) for k in ja) / 3
+
+  x1, x2 = jnp.asarray(r.randn(5, 4)), jnp.asarray(r.randn(3, 4))
+  c1, c2 = ({"m": jnp.asarray(r.rand(n, 6)), "b": jnp.asarray(r.randn(n))} for n in (5, 3))
+  fn = empirical_ntk_fn(f, vmap_axes=(0, 0, {"cond": 0}), implementation=implementation)
+  zoo.assert_close(fn(x1, x2, params, cond=(c1, c2)), reference(x1, c1, x2, c2), TOL)
+  zoo.assert_close(fn(x1, None, params, cond=c1), reference(x1, c1, x1, c1), TOL)

@@ -290,6 +290,40 @@ def test_custom_rules_that_differ_from_the_body_are_respected():
     check(f, params, x1, None, (-1,), (), None)
 
 
+def test_custom_vjp_activations_away_from_parameters():
+  # Elementwise custom_vjp calls on activations (no parameter enters them), also inside a jit,
+  # where the output cotangents factorise (separable path): forward mode cannot differentiate
+  # them, so their cotangents come from the VJP, with their own rule, as in jax.jacrev.
+  @jax.custom_vjp
+  def hard_tanh_ste(z):  # straight-through: clip forward, identity backward
+    return jnp.clip(z, -1.0, 1.0)
+
+  hard_tanh_ste.defvjp(lambda z: (hard_tanh_ste(z), None), lambda _, g: (g,))
+
+  @jax.jit
+  def block(h):
+    return hard_tanh_ste(2.0 * h)
+
+  params = {"w": _normal(4, 6, scale=0.7), "v": _normal(6, 6, scale=0.7), "u": _normal(6, 3)}
+
+  def f(p, x):
+    h = hard_tanh_ste(x @ p["w"])
+    return block(jnp.tanh(h @ p["v"])) @ p["u"]
+
+  x1, x2 = _normal(3, 4), _normal(2, 4)
+  for trace_axes, vmap_axes in (((), 0), ((-1,), None), ((), None)):
+    check(f, params, x1, x2, trace_axes, (), vmap_axes)
+  zoo.assert_close(empirical_ntk_fn(f)(x1, x2, params), reference(f, params, x1, x2, (-1,), ()),
+                   TOL)
+  # AUTO never proposes NTK-vector products, which need a JVP.
+  from ntk_dynamics.kernels import choice
+  oa = axes_lib.OutputAxes.create((-1,), ())
+  fx = jax.eval_shape(f, params, x1)
+  costs = choice.estimate_flops(f, params, x1, None, {}, oa, batching.VmapAxes.create(0), fx,
+                                fx)
+  assert NtkImplementation.NTK_VECTOR_PRODUCTS not in costs and SD in costs
+
+
 def test_fallback_through_linear_solve():
   w = jnp.eye(3) * 2.0 + _normal(3, 3, scale=0.3)
 

@@ -60,7 +60,9 @@ def _broadcast_axes(axes: PyTree, tree: PyTree, name: str, what: str) -> list[Op
     per_leaf = [axes] * len(leaves)
   else:
     try:
-      per_leaf = jax.tree.structure(tree).flatten_up_to(axes)
+      # A prefix of the tree is allowed: one axis for a whole subtree (a pytree kwarg).
+      per_leaf = jax.tree.structure(tree).flatten_up_to(
+          jax.tree.broadcast(axes, tree, is_leaf=lambda a: a is None))
     except (ValueError, TypeError) as e:
       raise ValueError(f"`{name}`={axes!r} does not match the structure of {what}: "
                        f"{jax.tree.structure(tree)}.") from e

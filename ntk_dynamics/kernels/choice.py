@@ -27,26 +27,42 @@ from typing import Any, Callable, Iterable, Optional
 
 import jax
 import numpy as np
+from jax.extend import core as jcore
 
 from ntk_dynamics import runs
 from ntk_dynamics.kernels import axes as axes_lib
 from ntk_dynamics.kernels import structured
 from ntk_dynamics.kernels.structured.cost import jaxpr_macs
+from ntk_dynamics.kernels.structured.interpreter import REVERSE_ONLY_PRIMITIVES
 
 PyTree = Any
 
 
-def _forward_flops(f, params, x, kwargs) -> int:
+def _forward(f, params, x, kwargs) -> tuple[int, bool]:
+  """FLOPs of one forward pass, and whether `f` can be differentiated in forward mode."""
   jaxpr = jax.make_jaxpr(lambda p, xx: f(p, xx, **kwargs))(params, x)
-  return 2 * jaxpr_macs(jaxpr.jaxpr)
+  return 2 * jaxpr_macs(jaxpr.jaxpr), not _has_reverse_only(jaxpr.jaxpr)
+
+
+def _has_reverse_only(jaxpr) -> bool:
+  """Whether a (nested) equation has a reverse-mode-only rule (custom_vjp)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in REVERSE_ONLY_PRIMITIVES:
+      return True
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if isinstance(inner, jcore.Jaxpr) and _has_reverse_only(inner):
+          return True
+  return False
 
 
 def estimate_flops(f, params, x1, x2, kwargs, output_axes: axes_lib.OutputAxes, vmap_axes,
                    fx1, fx2) -> dict:
   """Modelled FLOPs of each implementation for these arguments (see the module docstring)."""
   from ntk_dynamics.kernels.api import NtkImplementation as Impl
-  f1 = _forward_flops(f, params, x1, kwargs)
-  f2 = f1 if x2 is None else _forward_flops(f, params, x2, kwargs)
+  f1, forward_mode = _forward(f, params, x1, kwargs)
+  f2 = f1 if x2 is None else _forward(f, params, x2, kwargs)[0]
   n1 = n2 = 1
   if vmap_axes is not None:
     n1 = vmap_axes.batch_size(x1)
@@ -63,8 +79,9 @@ def estimate_flops(f, params, x1, x2, kwargs, output_axes: axes_lib.OutputAxes, 
     jc += sum(2 * fwd * min(size, per_example_out) for fwd, per_example_out in sides)
     jc += 2 * entries * size
   vp_column = 3 * f2 / n2 + 2 * f1 if vmap_axes is not None else 2 * (f1 + f2)
-  costs = {Impl.JACOBIAN_CONTRACTION: jc,
-           Impl.NTK_VECTOR_PRODUCTS: int(o2 * vp_column + f1 + f2)}
+  costs = {Impl.JACOBIAN_CONTRACTION: jc}
+  if forward_mode:  # NTK-vector products take a JVP, which custom_vjp functions refuse
+    costs[Impl.NTK_VECTOR_PRODUCTS] = int(o2 * vp_column + f1 + f2)
   try:
     costs[Impl.STRUCTURED_DERIVATIVES] = structured.estimate_flops(
         f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2)["total"]

@@ -96,6 +96,8 @@ def _ntk_per_example(f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2
   kw_axes = {k: vmap_axes.kwargs_axes.get(k) for k in kwargs}
 
   def example(tree, axes_tree, j):
+    # `axes_tree` may be a prefix of `tree`: one axis for a whole pytree kwarg.
+    axes_tree = jax.tree.broadcast(axes_tree, tree, is_leaf=lambda a: a is None)
     return jax.tree.map(lambda leaf, a: leaf if a is None else jnp.take(leaf, j, a),
                         tree, axes_tree)
 

@@ -30,6 +30,8 @@ from jax.extend import core as jcore
 # Call-like primitives with an inner jaxpr.
 CUSTOM_RULE_PRIMITIVES = frozenset({"custom_jvp_call", "custom_vjp_call",
                                     "custom_vjp_call_jaxpr"})
+# Their rule is reverse-mode only: `jax.jvp` through them fails, `jax.vjp` works.
+REVERSE_ONLY_PRIMITIVES = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
 INLINE_PRIMITIVES = frozenset({
     "jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
 }) | CUSTOM_RULE_PRIMITIVES

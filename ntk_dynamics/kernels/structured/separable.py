@@ -63,7 +63,8 @@ def _elementwise_call(eqn) -> bool:
   for e in jaxpr.eqns:
     if e.primitive.name in _ELEMENTWISE:
       continue
-    if e.primitive.name in interp.INLINE_PRIMITIVES and _elementwise_call(e):
+    if (e.primitive.name in interp.INLINE_PRIMITIVES
+        and e.primitive.name not in interp.REVERSE_ONLY_PRIMITIVES and _elementwise_call(e)):
       continue
     if e.primitive.name == "broadcast_in_dim" and not e.outvars[0].aval.shape == ():
       if all(s == 1 for s in e.invars[0].aval.shape):   # scalar constants broadcast
@@ -216,7 +217,11 @@ def _transfer(eqn, p, ct, dep: set):
       return 1 / x if inv else x
 
     return unbroadcast(_times(ct, factor, axes, is_dep(v), y_shape))
-  if (name in _ELEMENTWISE or (name in interp.INLINE_PRIMITIVES and _elementwise_call(eqn))):
+  # An elementwise custom_vjp call's diagonal derivative cannot be taken by `jax.jvp`: GENERAL
+  # keeps its cotangents from the VJP, which applies the call's own rule.
+  if (name in _ELEMENTWISE or (name in interp.INLINE_PRIMITIVES
+                               and name not in interp.REVERSE_ONLY_PRIMITIVES
+                               and _elementwise_call(eqn))):
     if u_shape != y_shape:
       return GENERAL
     dependent = any(is_dep(v) for v in eqn.invars)

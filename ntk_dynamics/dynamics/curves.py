@@ -570,7 +570,11 @@ def _train(f, params, data, *, loss, steps_at, optimizer, batch_size, linearized
            progress, callback) -> Training:
   from tqdm.auto import tqdm
 
-  apply_fn = linearize(f, params) if linearized else f
+  # θ₀ enters the compiled steps as an argument: closed over, a linearized model's θ₀ would
+  # be embedded in the program as constants (slow compiles, a second copy in memory).
+  def apply_at(p0, p, x):
+    return linearize(f, p0)(p, x) if linearized else f(p, x)
+
   loss_fn = LOSSES[loss]
   n = data.x_train.shape[0]
   if batch_size is not None and not (isinstance(batch_size, numbers.Integral)
@@ -579,11 +583,11 @@ def _train(f, params, data, *, loss, steps_at, optimizer, batch_size, linearized
                      f"{batch_size!r}.")
   minibatch = batch_size is not None and batch_size < n
 
-  def step_loss(p, x, y):
-    return loss_fn(apply_fn(p, x), y)
+  def step_loss(p, p0, x, y):
+    return loss_fn(apply_at(p0, p, x), y)
 
   @jax.jit
-  def advance(p, state, key, start, count, x, y):
+  def advance(p0, p, state, key, start, count, x, y):
     def body(i, carry):
       p, state = carry
       xb, yb = x, y
@@ -591,14 +595,14 @@ def _train(f, params, data, *, loss, steps_at, optimizer, batch_size, linearized
         idx = jax.random.choice(jax.random.fold_in(key, start + i), n, (batch_size,),
                                 replace=False)
         xb, yb = x[idx], y[idx]
-      grads = jax.grad(step_loss)(p, xb, yb)
+      grads = jax.grad(step_loss)(p, p0, xb, yb)
       updates, state = optimizer.update(grads, state, p)
       return optax.apply_updates(p, updates), state
     return jax.lax.fori_loop(0, count, body, (p, state))
 
   @jax.jit
-  def outputs(p, x_train, x_test):
-    return apply_fn(p, x_train), apply_fn(p, x_test)
+  def outputs(p0, p, x_train, x_test):
+    return apply_at(p0, p, x_train), apply_at(p0, p, x_test)
 
   key = jax.random.PRNGKey(seed)
   state = optimizer.init(params)
@@ -612,10 +616,10 @@ def _train(f, params, data, *, loss, steps_at, optimizer, batch_size, linearized
     for target in steps_at:
       while done < target:
         count = min(chunk, int(target) - done)
-        p, state = advance(p, state, key, done, count, data.x_train, data.y_train)
+        p, state = advance(params, p, state, key, done, count, data.x_train, data.y_train)
         done += count
         bar.update(count)
-      fx_tr, fx_te = outputs(p, data.x_train, data.x_test)
+      fx_tr, fx_te = outputs(params, p, data.x_train, data.x_test)
       logged_train.append(np.asarray(fx_tr))
       logged_test.append(np.asarray(fx_te))
       logged_steps.append(int(target))
@@ -624,6 +628,7 @@ def _train(f, params, data, *, loss, steps_at, optimizer, batch_size, linearized
       if progress:
         bar.set_postfix(train_loss=f"{float(_losses(loss, fx_tr, data.y_train)):.4g}")
   curves = _stack_curves(loss, logged_steps, logged_train, logged_test, data)
+  apply_fn = linearize(f, params) if linearized else f
   return Training(curves=curves, params=jax.block_until_ready(p), apply_fn=apply_fn,
                   seconds=time.perf_counter() - t0)
 

@@ -184,12 +184,17 @@ def build_model(args: argparse.Namespace, outputs: int):
 def build_inner(args: argparse.Namespace, f, name: str | None = None, inner_steps=None):
   from ntk_dynamics import meta
   name = name or args.inner
-  # --ridge is ntk_ridge's; ntk_flow / ntk_steps are the unregularised support-set dynamics.
-  return meta.make_inner_loop(
-      name, f, inner_steps=args.inner_steps if inner_steps is None else inner_steps,
-      inner_lr=args.inner_lr, first_order=args.first_order,
-      ridge=args.ridge if name == "ntk_ridge" else 0.,
-      trace_axes=() if args.full_kernel else (-1,), query_kernel=args.query_kernel)
+  settings = {"inner_steps": args.inner_steps if inner_steps is None else inner_steps,
+              "inner_lr": args.inner_lr}
+  # make_inner_loop refuses arguments a loop does not take: each loop gets its own.
+  if name in ("maml", "anil"):
+    settings["first_order"] = args.first_order
+  else:
+    # --ridge is ntk_ridge's; ntk_flow / ntk_steps are the unregularised support-set dynamics.
+    settings.update(ridge=args.ridge if name == "ntk_ridge" else 0.,
+                    trace_axes=() if args.full_kernel else (-1,),
+                    query_kernel=args.query_kernel)
+  return meta.make_inner_loop(name, f, **settings)
 
 
 def _peak_rss_mb() -> float:

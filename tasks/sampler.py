@@ -24,16 +24,18 @@ class TaskSampler(abc.ABC):
 
   Subclasses describe tasks by small specs (`_draw`) and turn specs into task arrays (`_build`),
   so a pool stores specs only (a pool of 10⁵ image tasks holds indices, not images) and both
-  modes share one code path.
+  modes share one code path; `_settings` lists what else decides the tasks (for `describe`).
   """
 
   def __init__(self, *, num_tasks: int | None, pool_seed: int) -> None:
     # Subclasses call this last: drawing the pool needs their fully set-up state.
     if num_tasks is None:
       self._pool = None
+      self._pool_seed = None
     else:
       size = check_positive_int("num_tasks", num_tasks)
       self._pool = self._draw(as_generator(pool_seed, "pool_seed"), size)
+      self._pool_seed = int(pool_seed)
 
   @property
   def num_tasks(self) -> int | None:
@@ -57,6 +59,14 @@ class TaskSampler(abc.ABC):
       return self._build(self._draw(rng, size))
     return self._build(_take(self._pool, rng.integers(0, self.num_tasks, size=size)))
 
+  def describe(self) -> dict[str, Any]:
+    """The settings that decide which tasks this sampler draws, as a JSON-serialisable dict
+    ({"type", "num_tasks", "pool_seed", ...the subclass's settings}): two samplers with equal
+    descriptions draw the same tasks from the same seeds. `ntk_dynamics.meta` stores it in
+    checkpoints, so that a run is not resumed on other tasks."""
+    return {"type": type(self).__name__, "num_tasks": self.num_tasks,
+            "pool_seed": self._pool_seed, **self._settings()}
+
   def pool_batch(self, indices: Sequence[int] | np.ndarray) -> TaskBatch:
     """The pool's tasks at `indices` (e.g. `range(num_tasks)` to evaluate on the whole pool)."""
     if self._pool is None:
@@ -70,6 +80,12 @@ class TaskSampler(abc.ABC):
       raise ValueError(f"`indices` must lie in [0, {self.num_tasks}) (the pool size), got values "
                        f"from {idx.min()} to {idx.max()}.")
     return self._build(_take(self._pool, idx))
+
+  def _settings(self) -> dict[str, Any]:
+    """The subclass's part of `describe` (JSON-serialisable values). A subclass that does not
+    override it is described by its type and pool only, so resuming cannot tell its other
+    settings apart."""
+    return {}
 
   @abc.abstractmethod
   def _draw(self, rng: np.random.Generator, num: int) -> TaskSpec:

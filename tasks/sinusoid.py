@@ -50,6 +50,11 @@ class SinusoidSampler(TaskSampler):
     self.x_range = _check_range("x_range", x_range)
     super().__init__(num_tasks=num_tasks, pool_seed=pool_seed)
 
+  def _settings(self) -> dict:
+    return {"k_shot": self.k_shot, "k_query": self.k_query,
+            "amplitude_range": list(self.amplitude_range),
+            "phase_range": list(self.phase_range), "x_range": list(self.x_range)}
+
   def _draw(self, rng: np.random.Generator, num: int) -> TaskSpec:
     uniform = lambda bounds, shape: rng.uniform(*bounds, size=shape).astype(np.float32)
     return {"amplitude": uniform(self.amplitude_range, (num,)),

@@ -1,5 +1,8 @@
-"""`from_haiku`: hk.transform with and without apply rng, transform_with_state, errors."""
+"""`from_haiku`: hk.transform with and without apply rng, transform_with_state, per-call
+rng, wrapped and hand-made applies, linearization of Haiku models, errors."""
 from __future__ import annotations
+
+import functools
 
 import haiku as hk
 import jax
@@ -7,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntk_dynamics import NtkImplementation, empirical_ntk_fn, from_haiku
+from ntk_dynamics import (NtkImplementation, empirical_ntk_fn, from_haiku, linearize,
+                          taylor_expand)
 from tests import zoo
 
 X = np.random.default_rng(0).normal(size=(3, 4))
@@ -208,3 +212,184 @@ def test_from_haiku_kernel_all_implementations():
   for impl in (NtkImplementation.JACOBIAN_CONTRACTION, NtkImplementation.NTK_VECTOR_PRODUCTS):
     got = empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, implementation=impl)(X, X2, params)
     zoo.assert_close(got, want, 1e-10)
+
+
+# ------------------------------------------------------------------ per-call rng
+
+
+def test_per_call_rng_overrides_the_fixed_one():
+  t = hk.transform(_dropout_net)
+  params = _init(t, X)
+  k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  for f in (from_haiku(t, rng=k1), from_haiku(t)):
+    _assert_tree_equal(f(params, X, rng=k2), t.apply(params, k2, X))
+    _assert_tree_equal(jax.jit(f)(params, X, rng=k2), t.apply(params, k2, X))
+  _assert_tree_equal(from_haiku(t, rng=k1)(params, X), t.apply(params, k1, X))
+  _assert_tree_equal(from_haiku(t, rng=k1)(params, X, rng=None), t.apply(params, k1, X))
+
+
+def _side_jacobian(apply, params, x):
+  return zoo.flat_jacobian(lambda p, x: apply(p, x), params, x)
+
+
+@pytest.mark.parametrize("fixed", [None, jax.random.PRNGKey(9)])
+def test_per_call_rng_in_empirical_ntk(fixed):
+  """`ntk_fn(x1, x2, params, rng=k)` gives x1 the key k and x2 `fold_in(k, 1)`, as in
+  neural-tangents; the reference contracts float64 Jacobians taken with those keys."""
+  t = hk.transform(_dropout_net)
+  params = _init(t, X)
+  key = jax.random.PRNGKey(5)
+  f = from_haiku(t, rng=fixed)
+  got = empirical_ntk_fn(f, trace_axes=())(X, X2, params, rng=key)
+  j1 = _side_jacobian(lambda p, x: t.apply(p, key, x), params, X)
+  j2 = _side_jacobian(lambda p, x: t.apply(p, jax.random.fold_in(key, 1), x), params, X2)
+  want = zoo.apply_axes(zoo.reference_full_blocks(j1, j2)[0], 2, (), ())
+  assert got.dtype == jnp.float64
+  zoo.assert_close(got, want, 1e-12)
+  # The x2 key matters: the same key on both sides gives another kernel.
+  j2_same = _side_jacobian(lambda p, x: t.apply(p, key, x), params, X2)
+  other = zoo.apply_axes(zoo.reference_full_blocks(j1, j2_same)[0], 2, (), ())
+  assert zoo.max_rel_err(got, other) > 1e-3
+
+
+def test_per_call_rng_for_rng_free_transform_is_an_error():
+  for t in (hk.without_apply_rng(hk.transform(_mlp)),
+            hk.without_apply_rng(hk.transform_with_state(_mlp))):
+    params, state = (_init(t, X), None) if isinstance(t, hk.Transformed) else _init(t, X)
+    f = from_haiku(t, state=state)
+    with pytest.raises(TypeError, match=r"(?s)per-call `rng`.*takes no rng"):
+      f(params, X, rng=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match=r"(?s)`params`.*int32"):
+    ti = hk.without_apply_rng(hk.transform(_mlp))
+    p = _init(ti, X)
+    empirical_ntk_fn(from_haiku(ti))(X, X2, jax.tree.map(lambda a: a.astype(jnp.int32), p))
+
+
+# ------------------------------------------------------------------ rng detection
+
+
+def test_hand_made_apply_with_another_rng_name():
+  t = hk.transform(_dropout_net)
+  params = _init(t, X)
+  key = jax.random.PRNGKey(3)
+  custom = hk.Transformed(t.init, lambda params, key, x: t.apply(params, key, x))
+  _assert_tree_equal(from_haiku(custom, rng=key)(params, X), t.apply(params, key, X))
+  _assert_tree_equal(from_haiku(custom)(params, X, rng=key), t.apply(params, key, X))
+  plain = hk.Transformed(t.init, lambda params, x: _mlp_apply(params, x))
+  mlp_params = _init(hk.transform(_mlp), X)
+  _assert_tree_equal(from_haiku(plain, rng=key)(mlp_params, X), _mlp_apply(mlp_params, X))
+
+
+def _mlp_apply(params, x):
+  return hk.without_apply_rng(hk.transform(_mlp)).apply(params, x)
+
+
+def _two_inputs(x, y):
+  return hk.Linear(3)(x) + hk.Linear(3)(y)
+
+
+def test_multiple_inputs_with_and_without_rng():
+  # (params, x, y) must not be read as (params, rng, x): the call decides.
+  tw = hk.without_apply_rng(hk.transform(_two_inputs))
+  params = _init(tw, X, X)
+  _assert_tree_equal(from_haiku(tw)(params, X, 2 * X), tw.apply(params, X, 2 * X))
+  t = hk.transform(_two_inputs)
+  _assert_tree_equal(from_haiku(t)(params, X, 2 * X), t.apply(params, None, X, 2 * X))
+  tws = hk.without_apply_rng(hk.transform_with_state(_two_inputs))
+  _, state = _init(tws, X, X)
+  _assert_tree_equal(from_haiku(tws, state=state)(params, X, 2 * X),
+                     tws.apply(params, state, X, 2 * X)[0])
+
+
+def test_wrapped_haiku_applies():
+  t = hk.transform(_dropout_net)
+  params = _init(t, X)
+  key = jax.random.PRNGKey(4)
+  want = t.apply(params, key, X)
+  tws = hk.transform_with_state(_dropout_net)
+  variants = [
+      hk.Transformed(t.init, jax.jit(t.apply)),
+      hk.Transformed(t.init, functools.partial(t.apply)),
+      hk.without_state(tws),
+  ]
+  for v in variants:
+    np.testing.assert_allclose(from_haiku(v, rng=key)(params, X), want, rtol=1e-14)
+    np.testing.assert_allclose(from_haiku(v)(params, X, rng=key), want, rtol=1e-14)
+  empty = hk.with_empty_state(t)
+  np.testing.assert_allclose(from_haiku(empty, state={})(params, X, rng=key), want,
+                             rtol=1e-14)
+  tw = hk.without_apply_rng(hk.transform(_mlp))
+  mlp_params = _init(tw, X)
+  jitted = hk.Transformed(tw.init, jax.jit(tw.apply))
+  np.testing.assert_allclose(from_haiku(jitted, rng=key)(mlp_params, X),
+                             tw.apply(mlp_params, X), rtol=1e-14)
+
+
+def test_takes_rng_override():
+  t = hk.transform(_dropout_net)
+  params = _init(t, X)
+  key = jax.random.PRNGKey(6)
+  # Both (params, key, x) and (params, x) bind this signature: the name decides (no rng).
+  ambiguous = hk.Transformed(t.init, lambda params, key, x=None: t.apply(params, key, x))
+  with pytest.raises(ValueError, match="(?s)Apply must be called with an RNG"):
+    from_haiku(ambiguous, rng=key)(params, X)  # X went to the key slot
+  f = from_haiku(ambiguous, rng=key, takes_rng=True)
+  _assert_tree_equal(f(params, X), t.apply(params, key, X))
+  tw = hk.without_apply_rng(hk.transform(_mlp))
+  mlp_params = _init(tw, X)
+  _assert_tree_equal(from_haiku(tw, takes_rng=False)(mlp_params, X), tw.apply(mlp_params, X))
+  with pytest.raises(TypeError, match=r"`takes_rng` must be None, True or False"):
+    from_haiku(t, takes_rng="yes")
+
+
+# ------------------------------------------------------------------ linearizing Haiku models
+
+
+def test_linearize_with_positional_model_argument():
+  t = hk.transform_with_state(_bn_net)
+  params, state = _init(t, X, True)
+  f = from_haiku(t, state=state)
+  p = jax.tree.map(lambda a: a + 0.05, params)
+  want = linearize(f, params)(p, X, is_training=False)
+  np.testing.assert_allclose(linearize(f, params)(p, X, False), want, rtol=1e-14)
+  np.testing.assert_allclose(taylor_expand(f, params, 1)(p, X, False), want, rtol=1e-12)
+
+
+def _int_param_net(x):
+  n = hk.get_parameter("n", (), jnp.int32, init=lambda s, d: jnp.array(3, d))
+  return jnp.tanh(hk.Linear(2)(x)) * n
+
+
+def test_haiku_integer_parameter_linearizes():
+  t = hk.without_apply_rng(hk.transform(_int_param_net))
+  params = _init(t, X)
+  f = from_haiku(t)
+  p = jax.tree.map(lambda a: a + 0.1 if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+  # Reference: JVP in the float leaves only, in float64.
+  lin = params["linear"]
+  g = lambda q: t.apply(dict(params, linear=q), X)
+  f0, df = jax.jvp(g, (lin,), (jax.tree.map(lambda a, b: a - b, p["linear"], lin),))
+  np.testing.assert_allclose(linearize(f, params)(p, X), f0 + df, rtol=1e-13, atol=1e-13)
+  np.testing.assert_allclose(taylor_expand(f, params, 1)(p, X), f0 + df, rtol=1e-13,
+                             atol=1e-13)
+  moved_counter = jax.tree.map(lambda a: a if jnp.issubdtype(a.dtype, jnp.floating) else a + 1,
+                               p)
+  with pytest.raises(ValueError, match=r"`p` leaf \['~'\]\['n'\].*differs"):
+    linearize(f, params)(moved_counter, X)
+
+
+def test_haiku_bf16_params_with_f32_p():
+  """bfloat16 parameters, float32 compute, float32 `p`: the step is not rounded to bf16."""
+  def net(x):
+    lin = hk.Linear(2, w_init=hk.initializers.Constant(0.5))
+    return lin(x.astype(jnp.float32))
+  t = hk.without_apply_rng(hk.transform(net))
+  x = X.astype(np.float32)
+  pb = jax.tree.map(lambda a: a.astype(jnp.bfloat16), t.init(None, x))
+  f = from_haiku(t)
+  p32 = jax.tree.map(lambda a: a.astype(jnp.float32) + 1e-3, pb)
+  want = x.astype(np.float64) @ np.full((4, 2), 0.5 + 1e-3) + 1e-3  # f is affine in params
+  for fn in (linearize(f, pb), taylor_expand(f, pb, 2)):
+    got = fn(p32, x)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-6)

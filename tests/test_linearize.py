@@ -132,9 +132,9 @@ def test_ntk_of_linearized_model_is_ntk_at_params(name):
 def test_linearize_params_mismatch():
   e = ZOO["mlp"]
   f_lin = linearize(e.f, e.params)
-  with pytest.raises(ValueError, match=r"(?s)`params` has pytree structure"):
+  with pytest.raises(ValueError, match=r"(?s)`p` has pytree structure"):
     f_lin({k: v for k, v in e.params.items() if k != "b1"}, e.x1)
-  with pytest.raises(ValueError, match=r"(?s)`params` has a leaf of shape \(2,\)"):
+  with pytest.raises(ValueError, match=r"(?s)`p` leaf \['b1'\] has shape \(2,\)"):
     f_lin(dict(e.params, b1=np.zeros(2)), e.x1)
-  with pytest.raises(ValueError, match=r"(?s)`params`"):
+  with pytest.raises(ValueError, match=r"(?s)`p` leaf \['b1'\]"):
     taylor_expand(e.f, e.params, 2)(dict(e.params, b1=np.zeros(2)), e.x1)

@@ -259,9 +259,9 @@ def test_maml_zero_steps_is_the_unadapted_model_and_custom_optimizer():
 
 def test_anil_adapts_only_the_head():
   f, params, support, xq, yq = _classification()
-  head = meta.head_names(params)
-  assert head == ("mlp/~/readout",) or head[0].endswith("readout")
   x, y = support
+  head = meta.head_names(params, f=f, x=x)
+  assert head == ("readout",)
   steps, lr = 2, 0.3
   anil = meta.anil(f, inner_steps=steps, inner_lr=lr)
 
@@ -289,7 +289,8 @@ def test_batched_equals_per_task(name):
   xs = jnp.stack([x, x[::-1] * 0.5])
   ys = jnp.stack([y, -y])
   xqs = jnp.stack([xq, xq * 0.3])
-  inner = meta.make_inner_loop(name, f, inner_steps=2, inner_lr=0.05, ridge=1e-2)
+  ridge = {"ridge": 1e-2} if name in meta.CLOSED_FORMS else {}
+  inner = meta.make_inner_loop(name, f, inner_steps=2, inner_lr=0.05, **ridge)
 
   @jax.jit
   def both(params):
@@ -315,6 +316,128 @@ def test_bad_inner_loop_arguments():
     meta.ntk_flow(f, trace_axes=(0,))
   with pytest.raises(ValueError, match="query_kernel"):
     meta.ntk_steps(f, query_kernel="dense")
+
+
+def _torso_head(x):
+  # Keys "head" < "torso": sorted (as jit and optax leave them), the head comes first.
+  h = jnp.tanh(hk.Linear(8, name="torso")(x))
+  return hk.Linear(2, name="head")(h)
+
+
+def test_anil_finds_the_head_in_the_graph_whatever_the_order_of_the_keys():
+  """The default head is the module of the last parameterised operation before the output,
+  not the last key: jit, optax and jax.tree sort dict keys, which put models.resnet's stem
+  last (block_0_a, block_0_b, readout, stem) and a torso/head model's head first."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(6, 6, 6, 1)))
+  y = jnp.asarray(np.repeat(np.arange(3), 2).astype(np.int32))
+  xq = jnp.asarray(rng.normal(size=(4, 6, 6, 1)))
+  resnet = models.resnet(2, 1, 3, activation="tanh")
+  f = nd.from_haiku(resnet)
+  params = resnet.init(jax.random.PRNGKey(0), x)
+  assert list(params)[-1] == "readout" and sorted(params)[-1] == "stem"
+  shuffled = jax.tree.map(lambda a: a, params)  # sorted keys, as under jit
+  assert list(shuffled)[-1] == "stem"
+  for p in (params, shuffled):
+    assert meta.head_names(p, f=f, x=x) == ("readout",)
+  default = meta.anil(f, inner_steps=1, inner_lr=0.5)
+  readout = meta.anil(f, inner_steps=1, inner_lr=0.5, head="readout")
+  stem = meta.anil(f, inner_steps=1, inner_lr=0.5, head="stem")
+  expected = readout(params, (x, y), xq)
+  assert _rel(stem(params, (x, y), xq), expected) > 1e-3  # the choice matters
+  assert _rel(jax.jit(default.adapt)(params, (x, y), xq), expected) < 1e-12
+  assert _rel(default(params, (x, y), xq), expected) < 1e-12
+  assert _rel(default(shuffled, (x, y), xq), expected) < 1e-12
+
+  model = hk.without_apply_rng(hk.transform(_torso_head))
+  f = nd.from_haiku(model)
+  x2 = jnp.linspace(-1, 1, 4)[:, None]
+  y2 = jnp.asarray([0, 1, 0, 1], jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), x2)
+  opt = optax.sgd(0.1)
+  updates, _ = opt.update(jax.tree.map(jnp.ones_like, params), opt.init(params), params)
+  stepped = optax.apply_updates(params, updates)
+  assert list(stepped) == ["head", "torso"]
+  assert meta.head_names(stepped, f=f, x=x2) == ("head",)
+  default = meta.anil(f, inner_steps=2, inner_lr=0.3)
+  expected = meta.anil(f, inner_steps=2, inner_lr=0.3, head="head")(stepped, (x2, y2), x2)
+  assert _rel(jax.jit(default.adapt)(stepped, (x2, y2), x2), expected) < 1e-12
+  assert _rel(default(stepped, (x2, y2), x2), expected) < 1e-12
+
+  # Without the model no head can be found; a one-layer model has no body to keep.
+  with pytest.raises(ValueError, match=r"needs the model `f` and an input `x`.*\['head', "
+                                       r"'torso'\]"):
+    meta.head_names(stepped)
+  linear = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(2, name="only")(x)))
+  p1 = linear.init(jax.random.PRNGKey(0), x2)
+  with pytest.raises(ValueError, match="every layer's parameters.*pass `head`"):
+    meta.anil(nd.from_haiku(linear))(p1, (x2, y2), x2)
+
+
+def test_make_inner_loop_refuses_arguments_the_loop_does_not_take():
+  f, params, support, xq, _ = _regression()
+  with pytest.raises(TypeError, match=r"maml got unexpected arguments \['inner_lrr'\] "
+                                      r"\(`inner_lrr` is an argument of no inner loop "
+                                      r"\(`inner_lr`\?\)\); maml takes \["):
+    meta.make_inner_loop("maml", f, inner_lrr=0.5)
+  # The closed forms solve the support MSE: loss="xent" would be silently ignored.
+  with pytest.raises(TypeError, match=r"ntk_flow got unexpected arguments \['loss'\] "
+                                      r"\(`loss` is an argument of maml, anil\)"):
+    meta.make_inner_loop("ntk_flow", f, loss="xent")
+  with pytest.raises(TypeError, match="first_order"):
+    meta.make_inner_loop("ntk_steps", f, first_order=True)
+  with pytest.raises(TypeError, match="ridge"):
+    meta.make_inner_loop("anil", f, ridge=1e-3)
+  # ntk_ridge takes and ignores inner_steps / inner_lr, as documented.
+  assert meta.make_inner_loop("ntk_ridge", f, inner_steps=3, inner_lr=0.1).name == "ntk_ridge"
+
+
+def test_integer_scalars_of_any_kind_are_steps_and_bools_are_not():
+  f, params, support, xq, _ = _regression()
+  for steps in (np.int64(3), jnp.int32(3), np.array(3)):
+    for build in (meta.maml, meta.anil, meta.ntk_steps, meta.ntk_flow):
+      config = build(f, inner_steps=steps, inner_lr=0.05).config
+      assert config["inner_steps"] == 3 and type(config["inner_steps"]) is int
+  for bad in (True, 2.0, -1, np.array([3])):
+    with pytest.raises(ValueError, match="maml: `inner_steps` must be a >= 0 integer"):
+      meta.maml(f, inner_steps=bad)
+
+
+def test_losses_check_label_shapes_and_ranges():
+  out = jnp.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
+  labels = jnp.array([0, 1, 0], jnp.int32)
+  column = labels[:, None]  # (n, 1) would broadcast to (n, n, K)
+  for fn in (meta.mse, meta.xent, meta.accuracy):
+    assert np.isfinite(float(fn(out, labels)))
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: integer labels must have shape "
+                                         r"\(3,\) .*got \(3, 1\)"):
+      fn(out, column)
+    with pytest.raises(ValueError, match="integer labels must have shape"):
+      jax.jit(fn)(out, column)  # shapes are static: refused under jit too
+    # Concrete labels past the outputs would one-hot to zeros or index past the logits.
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: labels must lie in \[0, 2\) "
+                                         r"\(the model's 2 outputs\), got values from 0 to 4"):
+      fn(out, jnp.array([0, 4, 1], jnp.int32))
+  # Float targets: the outputs' shape ((n,) too for one output).
+  assert float(meta.mse(out, jnp.zeros((3, 2)))) > 0
+  assert float(meta.mse(out[:, :1], jnp.zeros(3))) > 0
+  with pytest.raises(ValueError, match=r"float targets must have the shape of the outputs "
+                                       r"\(3, 2\), got \(3, 1\)"):
+    meta.mse(out, jnp.zeros((3, 1)))
+
+
+def test_second_order_maml_through_adam_needs_eps_root():
+  """What maml's docstring says of optax.adam: the derivative of sqrt(v) at v = 0 (dead ReLU
+  units have zero gradients) makes second-order meta-gradients NaN; eps_root avoids it."""
+  f, params, support, xq, yq = _regression(activation="relu")
+
+  def meta_grad(optimizer):
+    inner = meta.maml(f, inner_steps=2, optimizer=optimizer)
+    grads = jax.jit(jax.grad(lambda p: meta.mse(inner(p, support, xq), yq)))(params)
+    return np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+
+  assert not np.all(np.isfinite(meta_grad(optax.adam(0.01))))
+  assert np.all(np.isfinite(meta_grad(optax.adam(0.01, eps_root=1e-12))))
 
 
 def test_closed_form_memory_does_not_grow_with_inner_steps():

@@ -2,6 +2,7 @@
 losses, bad task batches, evaluation statistics and the `ntk-dynamics meta` recipe."""
 import json
 import math
+import re
 
 import jax
 
@@ -38,8 +39,8 @@ def _config(meta_steps, **kw):
 def _train(out, meta_steps, resume=False, on_step=None, **kw):
   inner, params, train, evaluation = _setup()
   return meta.meta_train(inner, params, train, evaluation, _config(meta_steps, **kw),
-                         meta_optimizer=optax.adam(1e-2), out_dir=out, resume=resume,
-                         progress=False, on_step=on_step)
+                         meta_optimizer=optax.adam(1e-2), optimizer_name="adam(1e-2)",
+                         out_dir=out, resume=resume, progress=False, on_step=on_step)
 
 
 def _assert_same_params(a, b):
@@ -166,7 +167,8 @@ def test_selection_keeps_the_best_validation_parameters_and_resumes_them_exactly
     descend_then_ascend = optax.sgd(lambda count: jnp.where(count < 2, 0.05, -0.5))
     return meta.meta_train(inner, params, train, evaluation, _config(6, eval_every=1),
                            select_sampler=select_sampler, meta_optimizer=descend_then_ascend,
-                           out_dir=out, resume=resume, progress=False, on_step=on_step)
+                           optimizer_name="sgd(0.05, then -0.5 from step 2)", out_dir=out,
+                           resume=resume, progress=False, on_step=on_step)
 
   full = run(tmp_path / "full")
   steps = list(range(7))
@@ -205,11 +207,133 @@ def test_selection_keeps_the_best_validation_parameters_and_resumes_them_exactly
     run(tmp_path / "crashed", resume=True, select_sampler=None)
 
 
+def test_extending_a_finished_run_gives_the_records_and_selection_of_an_uninterrupted_one(
+    tmp_path):
+  """A 5-step run with eval_every=3 ends with an off-schedule record at step 5 (and a training
+  log entry there); extended to 6 steps it drops them, so that its evaluations, selection and
+  training log are those of a 6-step run, not [0, 3, 5, 6]."""
+  inner, params, train, evaluation = _setup()
+  validation = tasks.SinusoidSampler(4, 6, num_tasks=8, pool_seed=11)
+
+  def run(out, steps, resume=False):
+    return meta.meta_train(inner, params, train, evaluation,
+                           _config(steps, log_every=2, checkpoint_every=None),
+                           select_sampler=validation, meta_optimizer=optax.adam(5e-2),
+                           optimizer_name="adam(5e-2)", out_dir=out, resume=resume,
+                           progress=False)
+
+  def same(a, b):
+    return [_without_time(r) for r in a] == [_without_time(r) for r in b]
+
+  full = run(tmp_path / "full", 6)
+  short = run(tmp_path / "ext", 5)
+  assert [e["step"] for e in short.evals] == [e["step"] for e in short.select_evals] == [0, 3, 5]
+  assert [r["step"] for r in short.train_log] == [2, 3, 4, 5]
+  # The end-of-run record takes part in the selection of its own run...
+  losses = [e["loss"] for e in short.select_evals]
+  assert short.best_step == [0, 3, 5][int(np.argmin(losses))]
+  again = run(tmp_path / "ext", 5, resume=True)  # ...and a finished run resumed as it is
+  assert same(again.evals, short.evals) and same(again.select_evals, short.select_evals)
+  assert again.train_log == short.train_log and again.best_step == short.best_step
+  _assert_same_params(again.best_params, short.best_params)
+
+  extended = run(tmp_path / "ext", 6, resume=True)
+  assert [e["step"] for e in extended.evals] == [0, 3, 6]
+  assert same(extended.evals, full.evals) and same(extended.select_evals, full.select_evals)
+  assert extended.train_log == full.train_log  # step 6's entry averages steps 5 and 6
+  assert extended.best_step == full.best_step
+  _assert_same_params(extended.best_params, full.best_params)
+  _assert_same_params(extended.params, full.params)
+
+
+def test_zero_meta_steps_still_write_a_checkpoint(tmp_path):
+  result = _train(tmp_path / "zero", 0)
+  assert result.status == "completed" and [e["step"] for e in result.evals] == [0]
+  assert result.checkpoint_step == 0
+  assert (tmp_path / "zero" / meta.train.CHECKPOINT_NAME).exists()
+  continued = _train(tmp_path / "zero", 2, resume=True)
+  _assert_same_params(continued.params, _train(tmp_path / "fresh", 2).params)
+
+
+def test_resume_refuses_other_tasks_and_optimizers_naming_what_differs(tmp_path):
+  inner, params, train, evaluation = _setup()
+
+  def run(steps, train=train, evaluation=evaluation, **kw):
+    return meta.meta_train(inner, params, train, evaluation, _config(steps), out_dir=tmp_path,
+                           resume=True, progress=False, **kw)
+
+  assert run(2).step == 2
+  for other, differs in (
+      ({"train": tasks.SinusoidSampler(10)}, "tasks.train.k_query 4 -> 10; "
+                                             "tasks.train.k_shot 4 -> 10"),
+      ({"train": tasks.SinusoidSampler(4, amplitude_range=(3., 4.))},
+       "tasks.train.amplitude_range [0.1, 5.0] -> [3.0, 4.0]"),
+      ({"evaluation": tasks.SinusoidSampler(4, 6, num_tasks=8, pool_seed=99)},
+       "tasks.eval.pool_seed 5 -> 99"),
+      ({"meta_optimizer": optax.adam(0.5), "optimizer_name": "adam(0.5)"},
+       'optimizer "adam(1e-3)" -> "adam(0.5)"')):
+    with pytest.raises(ValueError, match=rf"was written with different settings "
+                                         rf"\({re.escape(differs)}\); use another --out"):
+      run(4, **other)
+  # An optax transformation cannot be inspected: without a name it is refused and warned of.
+  with pytest.warns(UserWarning, match="without `optimizer_name`"):
+    with pytest.raises(ValueError, match='optimizer "adam\\(1e-3\\)" -> "custom"'):
+      run(4, meta_optimizer=optax.adam(1e-3))
+  assert run(4).step == 4  # the same settings still resume
+
+  # A checkpoint of the first version recorded no settings: refused as such.
+  path = tmp_path / meta.train.CHECKPOINT_NAME
+  template = {"params": params, "opt_state": optax.adam(1e-3).init(params),
+              "key": jax.random.key(0)}
+  step, tree, extra = runs.load_checkpoint(path, template)
+  old = {k: v for k, v in extra.items() if k != "settings"} | {"fingerprint": "0" * 16}
+  runs.save_checkpoint(path, tree, step=step, extra=old)
+  with pytest.raises(ValueError, match="earlier version that did not record the task settings"):
+    run(6)
+
+
+def test_labels_beyond_the_model_outputs_are_refused():
+  """5-way tasks on a 3-output model would run to "completed" (one-hot of labels 3 and 4 is
+  zero) or NaN; on a 7-output model two outputs would never be a class."""
+  rng = np.random.default_rng(0)
+  x = rng.random((100, 4, 4, 1)).astype(np.float32)
+  y = np.repeat(np.arange(5), 20)
+  train = tasks.FewShotSampler(x, y, n_way=5, k_shot=1, k_query=2)
+  pool = tasks.FewShotSampler(x, y, n_way=5, k_shot=1, k_query=2, num_tasks=4)
+  for outputs, message in (
+      (3, r"support labels must lie in \[0, 3\) \(the model's 3 outputs\), got values from 0 "
+          r"to 4: 5-way tasks need a model with 5 outputs, not 3"),
+      (7, r"the tasks are 5-way \(labels 0..4\) but the model has 7 outputs: 5-way tasks need "
+          r"a model with 5 outputs")):
+    model = models.mlp([4], outputs)
+    f = nd.from_haiku(model)
+    params = model.init(jax.random.PRNGKey(0), x[:1])
+    for name in ("maml", "ntk_flow"):
+      inner = meta.make_inner_loop(name, f, inner_steps=1, inner_lr=0.4)
+      with pytest.raises(ValueError, match=message):
+        meta.meta_train(inner, params, train, pool, _config(2, eval_tasks=4), progress=False)
+      with pytest.raises(ValueError, match=message):
+        meta.evaluate(inner, params, pool, num_tasks=4)
+
+
+def test_evaluate_without_a_pool_does_not_depend_on_the_batch_size():
+  inner, params, _, _ = _setup()
+  endless = tasks.SinusoidSampler(4, 6)
+  records = [meta.evaluate(inner, params, endless, num_tasks=5, batch_size=b) for b in (1, 2, 5)]
+  for r in records[1:]:
+    assert r["loss"] == pytest.approx(records[0]["loss"], rel=1e-12)
+    assert r["loss_ci95"] == pytest.approx(records[0]["loss_ci95"], rel=1e-9)
+  for kw, name in (({"num_tasks": 0}, "num_tasks"), ({"num_tasks": -1}, "num_tasks"),
+                   ({"batch_size": 0}, "batch_size"), ({"batch_size": True}, "batch_size")):
+    with pytest.raises(ValueError, match=f"evaluate: `{name}` must be a positive integer"):
+      meta.evaluate(inner, params, endless, **kw)
+
+
 def test_selection_ties_keep_the_earliest_parameters():
   inner, params, train, evaluation = _setup()
   result = meta.meta_train(inner, params, train, evaluation, _config(2, eval_every=1),
                            select_sampler=evaluation, meta_optimizer=optax.set_to_zero(),
-                           progress=False)
+                           optimizer_name="set_to_zero", progress=False)
   assert len({e["loss"] for e in result.select_evals}) == 1 and result.best_step == 0
   assert result.best_eval is result.select_evals[0]
   _assert_same_params(result.best_params, params)
@@ -308,6 +432,23 @@ def test_mean_ci95_and_config_validation():
     meta.MetaConfig(meta_batch=0)
   with pytest.raises(ValueError, match="loss"):
     meta.MetaConfig(loss="hinge")
+  # Integral scalars of any kind, stored as Python ints (they go into the JSON fingerprint).
+  config = meta.MetaConfig(meta_steps=np.int64(10), meta_batch=jnp.int32(4), seed=np.uint8(3),
+                           checkpoint_every=np.int16(5))
+  assert config == meta.MetaConfig(meta_steps=10, meta_batch=4, seed=3, checkpoint_every=5)
+  assert all(type(getattr(config, k)) is int
+             for k in ("meta_steps", "meta_batch", "seed", "checkpoint_every"))
+  for kw in ({"checkpoint_every": True}, {"meta_steps": 10.0}, {"eval_every": np.array([2])}):
+    with pytest.raises(ValueError, match=f"MetaConfig: `{next(iter(kw))}` must be"):
+      meta.MetaConfig(**kw)
+
+
+def test_profile_meta_step_checks_repeats():
+  inner, params, train, _ = _setup()
+  batch = train.sample(0, 2)
+  for repeats in (-2, True, 1.5):
+    with pytest.raises(ValueError, match="profile_meta_step: `repeats` must be a >= 0 integer"):
+      meta.profile_meta_step(inner, params, batch, repeats=repeats)
 
 
 def test_evaluate_reports_accuracy_for_classification():
@@ -352,6 +493,9 @@ def test_recipe_writes_its_files_and_resumes(tmp_path, capsys):
   assert "at meta-step 4, past the 3 meta-steps" in err
   err = usage_error(common + ["--meta-steps", "4", "--meta-batch", "3", "--resume"], capsys)
   assert "different settings" in err
+  # Other tasks too (the checkpoint records the samplers' settings).
+  err = usage_error(common + ["--meta-steps", "4", "--k-shot", "10", "--resume"], capsys)
+  assert "different settings" in err and "tasks.train.k_shot 5 -> 10" in err
   ckpt = out / "checkpoint.npz"
   ckpt.write_bytes(ckpt.read_bytes()[:300])
   err = usage_error(common + ["--meta-steps", "4", "--resume"], capsys)

@@ -182,6 +182,28 @@ def test_classes_restrict_sampling(images):
   assert set(np.unique(sampler.sample(0, 100)["info"]["classes"])) == {11, 13, 14}
 
 
+def test_describe_names_every_setting_that_decides_the_tasks(images):
+  """`describe` goes into meta-learning checkpoints: equal for equal settings and images,
+  different whenever the tasks would differ (other sizes, classes, rotations, pool or data)."""
+  import json
+  x, y = images
+  kw = dict(n_way=2, k_shot=1, k_query=2, classes=[11, 13, 14], num_tasks=5, pool_seed=3)
+  base = FewShotSampler(x, y, **kw).describe()
+  assert json.loads(json.dumps(base)) == base
+  assert {k: v for k, v in base.items() if k != "images"} == {
+      "type": "FewShotSampler", "num_tasks": 5, "pool_seed": 3, "n_way": 2, "k_shot": 1,
+      "k_query": 2, "rotations": False, "scale": 1.0, "classes": [11, 13, 14]}
+  assert base["images"]["shape"] == list(x.shape) and base["images"]["dtype"] == "uint8"
+  assert FewShotSampler(x.copy(), y.copy(), **kw).describe() == base
+  brighter = x.copy()
+  brighter[0] += 1
+  for other in ({"n_way": 3}, {"k_shot": 2}, {"k_query": 1}, {"classes": [11, 13, 15]},
+                {"rotations": True}, {"scale": 0.5}, {"num_tasks": 6}, {"pool_seed": 4}):
+    assert FewShotSampler(x, y, **(kw | other)).describe() != base, other
+  assert FewShotSampler(brighter, y, **kw).describe() != base
+  assert FewShotSampler(x, np.where(y == 10, 12, y), **kw).describe() != base
+
+
 def test_from_mapping(images):
   x, y = images
   mapping = {f"char_{c}": x[y == c] for c in CLASS_SIZES}

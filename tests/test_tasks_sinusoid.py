@@ -120,3 +120,26 @@ def test_bad_sample_arguments_raise():
     sampler.pool_batch([0])
   with pytest.raises(ValueError, match=r"\[0, 2\)"):
     SinusoidSampler(2, num_tasks=2).pool_batch([2])
+
+
+def test_describe_names_every_setting_that_decides_the_tasks():
+  """`describe` goes into meta-learning checkpoints: equal descriptions for equal settings,
+  a different one whenever the tasks would differ, and JSON-serialisable."""
+  import json
+  base = SinusoidSampler(5, 7, num_tasks=3, pool_seed=2).describe()
+  assert base == {"type": "SinusoidSampler", "num_tasks": 3, "pool_seed": 2, "k_shot": 5,
+                  "k_query": 7, "amplitude_range": [0.1, 5.0],
+                  "phase_range": [0.0, float(np.pi)], "x_range": [-5.0, 5.0]}
+  assert json.loads(json.dumps(base)) == base
+  assert SinusoidSampler(5, 7, num_tasks=np.int64(3), pool_seed=np.int64(2)).describe() == base
+  for other in (SinusoidSampler(6, 7, num_tasks=3, pool_seed=2),
+                SinusoidSampler(5, 8, num_tasks=3, pool_seed=2),
+                SinusoidSampler(5, 7, num_tasks=3, pool_seed=2, amplitude_range=(1., 2.)),
+                SinusoidSampler(5, 7, num_tasks=3, pool_seed=2, phase_range=(0., 1.)),
+                SinusoidSampler(5, 7, num_tasks=3, pool_seed=2, x_range=(-1., 1.)),
+                SinusoidSampler(5, 7, num_tasks=4, pool_seed=2),
+                SinusoidSampler(5, 7, num_tasks=3, pool_seed=9),
+                SinusoidSampler(5, 7)):
+    assert other.describe() != base
+  # Without a pool the pool seed decides nothing.
+  assert SinusoidSampler(5, pool_seed=1).describe() == SinusoidSampler(5, pool_seed=2).describe()

@@ -11,7 +11,8 @@ Loops (α = `inner_lr`, k = `inner_steps`, inner loss `mean((f − y)²)` or cro
 * `maml`: k steps of an optax optimizer (default `optax.sgd(α)`) on the support loss of the
   network itself; second-order by default, first-order with `first_order=True`
   (`stop_gradient` on the inner gradients). Memory of the meta-gradient grows with k.
-* `anil`: the same, adapting only the head (the last layer's parameters).
+* `anil`: the same, adapting only the head: by default the parameters of the last
+  parameterised operation before the output, found in the graph of `f` (see `head_names`).
 * `ntk_flow`: the network linearized at `meta_params`, trained on the support set by
   gradient flow for time α·k (k "steps" of size α), solved in closed form with the
   empirical NTK: f_q = f_q(0) − Θ_qs G(Θ_ss) (f_s(0) − y_s). Uses
@@ -40,13 +41,16 @@ steps of `optax.sgd(α)` on `mean((f_lin − y)²)`.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import difflib
+import inspect
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.extend import core as jex_core
 
+from ntk_dynamics.dynamics._inputs import check_int
 from ntk_dynamics.kernels import NtkImplementation, empirical_ntk_fn
 from ntk_dynamics.meta import _closed_forms
 from ntk_dynamics.meta import losses
@@ -82,12 +86,13 @@ class InnerLoop:
     return jax.vmap(self.adapt, in_axes=(None, 0, 0))(meta_params, support, query_x)
 
 
-def _check_steps_lr(inner_steps: int, inner_lr: float) -> tuple[int, float]:
-  if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
-    raise ValueError(f"`inner_steps` must be a non-negative int, got {inner_steps!r}.")
+def _check_steps_lr(fn: str, inner_steps: int, inner_lr: float) -> tuple[int, float]:
+  # Any integral scalar (numpy / JAX integers too, not bools), stored as a Python int so that
+  # `config` stays JSON-serialisable and fingerprints do not depend on the integer's type.
+  inner_steps = check_int(fn, "inner_steps", inner_steps, minimum=0)
   lr = float(inner_lr)
   if not (lr > 0 and lr < float("inf")):
-    raise ValueError(f"`inner_lr` must be a finite positive number, got {inner_lr!r}.")
+    raise ValueError(f"{fn}: `inner_lr` must be a finite positive number, got {inner_lr!r}.")
   return inner_steps, lr
 
 
@@ -125,11 +130,16 @@ def maml(f: ApplyFn, *, inner_steps: int = 1, inner_lr: float = 0.01,
     inner_steps: k ≥ 0.
     inner_lr: α, the step of the default `optax.sgd(α)`.
     optimizer: any optax transformation used instead of `sgd(inner_lr)` (its state starts
-      fresh for every task).
+      fresh for every task). Second-order meta-gradients differentiate through its update:
+      `optax.adam(lr)` divides by sqrt(v) with v = 0 for a parameter whose gradient is 0 (a
+      dead ReLU unit, an unused logit), and the derivative of sqrt at 0 makes the
+      meta-gradient NaN; use `optax.adam(lr, eps_root=1e-12)` (or `first_order=True`). Its
+      hyperparameters are not in `config` ("custom"), so checkpoints cannot tell two custom
+      optimizers apart.
     first_order: FOMAML: the inner gradients are treated as constants.
     loss: `"auto"` (cross-entropy for integer labels, MSE otherwise), `"mse"` or `"xent"`.
   """
-  inner_steps, inner_lr = _check_steps_lr(inner_steps, inner_lr)
+  inner_steps, inner_lr = _check_steps_lr("maml", inner_steps, inner_lr)
   opt = optimizer if optimizer is not None else optax.sgd(inner_lr)
   loss_fn = _inner_loss(loss)
 
@@ -143,17 +153,38 @@ def maml(f: ApplyFn, *, inner_steps: int = 1, inner_lr: float = 0.01,
                                    "optimizer": "sgd" if optimizer is None else "custom"})
 
 
-def head_names(params: PyTree, head: Union[None, str, Sequence[str]] = None) -> tuple[str, ...]:
-  """Top-level keys of `params` that form the head: `head`, or by default the last key.
+def head_names(params: PyTree, head: Union[None, str, Sequence[str]] = None, *,
+               f: Optional[ApplyFn] = None, x: Any = None) -> tuple[str, ...]:
+  """Top-level keys of `params` that form the head ANIL adapts.
 
-  Haiku keeps modules in creation order, so the last key is the last layer (the readout of
-  `models.mlp` / `models.cnn`).
+  Args:
+    params: a mapping layer name -> parameters (e.g. Haiku params).
+    head: the key(s) to adapt; None: found from the graph of `f` on inputs like `x`.
+    f, x: the model and an input (or anything with its shape and dtype); needed when `head`
+      is None.
+
+  By default the head is the module(s) whose parameters the last parameterised operation
+  before the output consumes (for `models.mlp`, `cnn` and `resnet`, the readout's bias add):
+  `f` is traced abstractly (`jax.make_jaxpr`) and every value is followed from the inputs.
+  The order of the keys is never used: `jit`, `optax.apply_updates` and `jax.tree` functions
+  sort dict keys, so the last key is the last layer only by accident (`models.resnet`'s keys
+  sort to block_0_a, ..., readout, stem). A model whose output depends on no parameter, or
+  whose head would be every layer (e.g. layers inside a `scan`), is refused: name `head`.
   """
   if not isinstance(params, Mapping) or not params:
     raise ValueError("anil needs `params` to be a non-empty mapping of layer name -> "
                      f"parameters (e.g. Haiku params), got {type(params).__name__}.")
   if head is None:
-    return (list(params)[-1],)
+    if f is None or x is None:
+      raise ValueError("head_names: finding the head needs the model `f` and an input `x` "
+                       "(or pass `head`, the top-level keys to adapt; available: "
+                       f"{sorted(params)}).")
+    names = _graph_head(f, params, x)
+    if len(names) == len(params):
+      raise ValueError(f"anil: the last parameterised operation of the model consumes every "
+                       f"layer's parameters ({list(names)}), so no head can be told apart; "
+                       f"pass `head`, the top-level keys to adapt (available: {sorted(params)}).")
+    return names
   names = (head,) if isinstance(head, str) else tuple(head)
   missing = [n for n in names if n not in params]
   if missing or not names:
@@ -163,21 +194,98 @@ def head_names(params: PyTree, head: Union[None, str, Sequence[str]] = None) -> 
   return names
 
 
+# Primitives that only wrap a jaxpr of their own arity: followed inside, so a jitted model or
+# a custom-derivative activation is not mistaken for one operation on all its inputs.
+_CALL_PRIMITIVES = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_call",
+                              "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "checkpoint",
+                              "remat2", "custom_lin"})
+
+
+def _graph_head(f: ApplyFn, params: Mapping, x: Any) -> tuple[str, ...]:
+  """The top-level keys whose leaves the last parameterised operation before the output of
+  `f(params, x)` consumes (see `head_names`)."""
+  abstract = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+  param_paths, _ = jax.tree_util.tree_flatten_with_path(params)
+  closed = jax.make_jaxpr(f)(jax.tree.map(abstract, params), jax.tree.map(abstract, x))
+  jaxpr = closed.jaxpr
+  num_params = len(param_paths)
+  # A value's label: (depends on x, parameter leaves). For a value computed from parameters
+  # alone, the leaves it comes from; for one that depends on x, the leaves consumed by the
+  # last operation on its way that combined it with parameter-only values.
+  labels = [(False, frozenset({i})) for i in range(num_params)]
+  labels += [(True, frozenset())] * (len(jaxpr.invars) - num_params)
+  outputs = _propagate(jaxpr, labels)
+  leaves = frozenset().union(*(leaves for data, leaves in outputs if data))
+  if not any(data for data, _ in outputs) or not leaves:
+    raise ValueError("anil: the output of the model depends on no parameter combined with "
+                     "its input, so it has no head to find; pass `head`, the top-level keys to "
+                     f"adapt (available: {sorted(params)}).")
+  keys = {getattr(param_paths[i][0][0], "key", None) for i in leaves}
+  return tuple(k for k in sorted(params) if k in keys)
+
+
+def _propagate(jaxpr: Any, in_labels: list) -> list:
+  """Labels (see `_graph_head`) of `jaxpr`'s outputs given those of its inputs."""
+  none = (False, frozenset())
+  env = {v: none for v in jaxpr.constvars}
+  env.update(zip(jaxpr.invars, in_labels))
+  read = lambda v: none if isinstance(v, jex_core.Literal) else env.get(v, none)
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    inner = _called_jaxpr(eqn)
+    if inner is not None:
+      outs = _propagate(inner, ins)
+    else:
+      data = [leaves for is_data, leaves in ins if is_data]
+      fixed = [leaves for is_data, leaves in ins if not is_data and leaves]
+      if not data:      # parameters only (e.g. a weight scaled or cast)
+        out = (False, frozenset().union(*fixed))
+      elif fixed:       # a parameterised operation: it is the last one so far on this path
+        out = (True, frozenset().union(*fixed))
+      else:             # parameter-free (activations, pooling, sums of branches)
+        out = (True, frozenset().union(*data))
+      outs = [out] * len(eqn.outvars)
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _called_jaxpr(eqn: Any) -> Any:
+  if eqn.primitive.name not in _CALL_PRIMITIVES:
+    return None
+  for value in eqn.params.values():
+    inner = value.jaxpr if isinstance(value, jex_core.ClosedJaxpr) else value
+    if (isinstance(inner, jex_core.Jaxpr) and len(inner.invars) == len(eqn.invars)
+        and len(inner.outvars) == len(eqn.outvars)):
+      return inner
+  return None
+
+
 def anil(f: ApplyFn, *, inner_steps: int = 1, inner_lr: float = 0.01,
          optimizer: Optional[optax.GradientTransformation] = None, first_order: bool = False,
          loss: str = "auto", head: Union[None, str, Sequence[str]] = None) -> InnerLoop:
-  """ANIL (Raghu et al. 2020): MAML adapting only the head (default: the last layer).
+  """ANIL (Raghu et al. 2020): MAML adapting only the head.
 
-  Args: those of `maml`, plus `head`: the top-level parameter keys to adapt (see
-  `head_names`).
+  Args: those of `maml`, plus `head`: the top-level parameter keys to adapt; None (default):
+  the module(s) of the last parameterised operation before the output, found in the graph
+  of `f` whatever the order of the keys (see `head_names`).
   """
-  inner_steps, inner_lr = _check_steps_lr(inner_steps, inner_lr)
+  inner_steps, inner_lr = _check_steps_lr("anil", inner_steps, inner_lr)
   opt = optimizer if optimizer is not None else optax.sgd(inner_lr)
   loss_fn = _inner_loss(loss)
+  found = {}  # abstract signature of (params, x) -> head: one trace of `f` per signature
+
+  def head_of(params, x):
+    if head is not None:
+      return head_names(params, head)
+    leaves, treedef = jax.tree.flatten((params, x))
+    signature = (treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves))
+    if signature not in found:
+      found[signature] = head_names(params, f=f, x=x)
+    return found[signature]
 
   def adapt(params, support, query_x):
     x, y = support
-    names = head_names(params, head)
+    names = head_of(params, x)
     body = {k: v for k, v in params.items() if k not in names}
     start = {k: params[k] for k in names}
     merge = lambda h: {k: (h[k] if k in names else body[k]) for k in params}
@@ -199,7 +307,7 @@ def _closed_form_loop(name: str, f: ApplyFn, *, inner_steps: int, inner_lr: floa
                       ridge: float, trace_axes: Axes, vmap_axes: Any,
                       implementation: Union[NtkImplementation, int],
                       query_kernel: str) -> InnerLoop:
-  inner_steps, inner_lr = _check_steps_lr(inner_steps, inner_lr)
+  inner_steps, inner_lr = _check_steps_lr(name, inner_steps, inner_lr)
   ridge = float(ridge)
   if not (ridge >= 0 and ridge < float("inf")):
     raise ValueError(f"`ridge` must be a finite number >= 0, got {ridge!r}.")
@@ -321,14 +429,36 @@ _BUILDERS = {"maml": maml, "anil": anil, "ntk_flow": ntk_flow, "ntk_steps": ntk_
 def make_inner_loop(name: str, f: ApplyFn, **kwargs: Any) -> InnerLoop:
   """The inner loop `name` (one of `INNER_LOOPS`) built with `kwargs`.
 
-  Arguments that do not apply to `name` (e.g. `first_order` for a closed form, `ridge` for
-  maml) are dropped, so one set of settings can build every loop.
+  Raises:
+    ValueError: for an unknown `name`.
+    TypeError: for an argument `name` does not take (a typo such as `inner_lrr`, or one of
+      another loop such as `loss` for a closed form, whose inner loss is always MSE): passed
+      on silently it would leave the loop other than asked for. `ntk_ridge` takes and ignores
+      `inner_steps` and `inner_lr`.
   """
   if name not in _BUILDERS:
     raise ValueError(f"`inner` must be one of {INNER_LOOPS}, got {name!r}.")
-  builder = _BUILDERS[name]
-  import inspect
-  accepted = {p for p in inspect.signature(builder).parameters if p != "f"}
+  accepted = _accepted_arguments(name)
+  unknown = sorted(set(kwargs) - accepted)
+  if unknown:
+    everything = set().union(*map(_accepted_arguments, INNER_LOOPS))
+
+    def why(k):
+      owners = [n for n in INNER_LOOPS if k in _accepted_arguments(n)]
+      if owners:
+        return f"`{k}` is an argument of {', '.join(owners)}"
+      close = difflib.get_close_matches(k, sorted(everything), n=1)
+      return f"`{k}` is an argument of no inner loop" + (f" (`{close[0]}`?)" if close else "")
+
+    why = "; ".join(map(why, unknown))
+    raise TypeError(f"make_inner_loop: {name} got unexpected arguments {unknown} ({why}); "
+                    f"{name} takes {sorted(accepted)}.")
+  return _BUILDERS[name](f, **kwargs)
+
+
+def _accepted_arguments(name: str) -> set[str]:
+  params = inspect.signature(_BUILDERS[name]).parameters
+  accepted = {p for p, v in params.items() if p != "f" and v.kind != v.VAR_KEYWORD}
   if name == "ntk_ridge":
-    accepted -= {"unused"}
-  return builder(f, **{k: v for k, v in kwargs.items() if k in accepted})
+    accepted |= {"inner_steps", "inner_lr"}
+  return accepted

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ntk_dynamics.dynamics._inputs import check_int
 from ntk_dynamics.meta import losses
 from ntk_dynamics.meta.inner import InnerLoop
-from ntk_dynamics.meta.train import check_task_batch, task_metrics_fn
+from ntk_dynamics.meta.train import _check_against_model, task_metrics_fn
 
 PyTree = Any
 
@@ -26,14 +27,19 @@ def profile_meta_step(inner: InnerLoop, params: PyTree, batch: dict, *,
                       loss: Optional[str] = None, repeats: int = 5) -> dict:
   """Compiles and times one meta-step of `inner` on `batch`.
 
+  Args:
+    repeats: timed calls (>= 0) after one warm-up call; 0: compile and measure memory only,
+      running nothing (then "step_s" and "loss" are NaN).
+
   Returns:
     {"compile_s": lowering + compilation time, "step_s": median wall time of `repeats`
-     calls (0: compile only), "temp_bytes", "argument_bytes", "output_bytes", "generated_code_bytes": from
-     XLA's memory analysis (None where the backend does not report them), "loss": the
-     meta-loss}.
+     calls (NaN for repeats=0), "temp_bytes", "argument_bytes", "output_bytes",
+     "generated_code_bytes": from XLA's memory analysis (None where the backend does not
+     report them), "loss": the meta-loss (NaN for repeats=0)}.
   """
+  repeats = check_int("profile_meta_step", "repeats", repeats, minimum=0)
   optimizer = optimizer if optimizer is not None else optax.adam(1e-3)
-  classification = check_task_batch(batch)
+  classification, _ = _check_against_model(inner, params, batch)
   metrics = task_metrics_fn(inner, loss or losses.default_loss(inner.name, classification))
 
   def step(p, s, b):
@@ -50,7 +56,7 @@ def profile_meta_step(inner: InnerLoop, params: PyTree, batch: dict, *,
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   get = lambda name: None if mem is None else int(getattr(mem, name, 0) or 0)
-  if repeats == 0:  # memory only
+  if repeats == 0:  # compile and memory only
     return {"compile_s": compile_s, "step_s": float("nan"),
             "temp_bytes": get("temp_size_in_bytes"),
             "argument_bytes": get("argument_size_in_bytes"),

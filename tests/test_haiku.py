@@ -44,10 +44,10 @@ def _init(transformed, *args):
   return transformed.init(jax.random.PRNGKey(0), *args)
 
 
-def _assert_tree_equal(a, b):
+def _assert_tree_equal(a, b, rtol=0.0):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=0)
 
 
 # ------------------------------------------------------------------ hk.transform
@@ -223,7 +223,8 @@ def test_per_call_rng_overrides_the_fixed_one():
   k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
   for f in (from_haiku(t, rng=k1), from_haiku(t)):
     _assert_tree_equal(f(params, X, rng=k2), t.apply(params, k2, X))
-    _assert_tree_equal(jax.jit(f)(params, X, rng=k2), t.apply(params, k2, X))
+    # Compiled and eager arithmetic may differ in the last bit (fusion).
+    _assert_tree_equal(jax.jit(f)(params, X, rng=k2), t.apply(params, k2, X), rtol=1e-12)
   _assert_tree_equal(from_haiku(t, rng=k1)(params, X), t.apply(params, k1, X))
   _assert_tree_equal(from_haiku(t, rng=k1)(params, X, rng=None), t.apply(params, k1, X))
 

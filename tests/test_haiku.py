@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ntk_dynamics import (NtkImplementation, empirical_ntk_fn, from_haiku, linearize,
-                          taylor_expand)
+                          ntk_vp_fn, taylor_expand)
 from tests import zoo
 
 X = np.random.default_rng(0).normal(size=(3, 4))
@@ -377,6 +377,29 @@ def test_haiku_integer_parameter_linearizes():
                                p)
   with pytest.raises(ValueError, match=r"`p` leaf \['~'\]\['n'\].*differs"):
     linearize(f, params)(moved_counter, X)
+
+
+def test_haiku_integer_parameter_is_a_constant_of_the_ntk():
+  # As in `linearize`: the int32 leaf has no derivative and contributes nothing to Θ.
+  t = hk.without_apply_rng(hk.transform(_int_param_net))
+  params = _init(t, X)
+  f = from_haiku(t)
+  x2 = X[:2] * 0.5
+  g = lambda lin, x: t.apply(dict(params, linear=lin), x)
+  j1, j2 = (jax.jacrev(g)(params["linear"], x) for x in (X, x2))
+  want = sum(jnp.einsum("nk...,ml...->nmkl", a, b)
+             for a, b in zip(jax.tree.leaves(j1), jax.tree.leaves(j2)))
+  for impl in NtkImplementation:
+    for vmap_axes in (None, 0):
+      fn = empirical_ntk_fn(f, trace_axes=(), vmap_axes=vmap_axes, implementation=impl)
+      np.testing.assert_allclose(fn(X, x2, params), want, rtol=1e-12, atol=1e-12)
+    parts = empirical_ntk_fn(f, trace_axes=(), implementation=impl, per_parameter=True)(
+        X, x2, params)
+    assert not np.any(parts["~"]["n"]) and parts["~"]["n"].shape == want.shape
+    np.testing.assert_allclose(sum(jax.tree.leaves(parts)), want, rtol=1e-12, atol=1e-12)
+  v = jnp.ones((2, 2))
+  np.testing.assert_allclose(ntk_vp_fn(f, X, x2, params)(v), jnp.einsum("nmkl,ml->nk", want, v),
+                             rtol=1e-12, atol=1e-12)
 
 
 def test_haiku_bf16_params_with_f32_p():

@@ -148,10 +148,11 @@ def test_params_of_haiku_model_wrong_shape():
     empirical_ntk_fn(e.f)(e.x1, e.x2, params)
 
 
-def test_params_integer_leaf(mlp):
-  params = dict(mlp.params, b2=np.zeros(3, np.int32))
-  with pytest.raises(ValueError, match=r"(?s)`params`.*int32.*floating"):
-    empirical_ntk_fn(mlp.f)(mlp.x1, mlp.x2, params)
+def test_params_all_integer(mlp):
+  # Integer leaves are constants (tests/test_haiku.py); with no floating-point leaf at all
+  # there is nothing to differentiate.
+  with pytest.raises(ValueError, match=r"(?s)`params` has no floating-point leaf.*int32"):
+    empirical_ntk_fn(lambda p, x: x * p["n"])(mlp.x1, mlp.x2, {"n": np.int32(2)})
 
 
 def test_params_empty(mlp):

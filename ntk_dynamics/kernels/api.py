@@ -89,10 +89,35 @@ def _check_params(params: PyTree) -> None:
   leaves = jax.tree.leaves(params)
   if not leaves:
     raise ValueError("`params` has no array leaves: there is nothing to differentiate.")
-  for p in leaves:
-    if not jnp.issubdtype(jnp.result_type(p), jnp.inexact):
-      raise ValueError(f"`params` has a leaf of dtype {jnp.result_type(p)} and shape "
-                       f"{np.shape(p)}; all parameters must be floating point.")
+  if not any(_differentiable(p) for p in leaves):
+    raise ValueError(f"`params` has no floating-point leaf (dtypes "
+                     f"{sorted({str(jnp.result_type(p)) for p in leaves})}): there is nothing "
+                     "to differentiate.")
+
+
+def _differentiable(leaf) -> bool:
+  return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+def _split_constants(f: Callable, params: PyTree) -> tuple[Callable, list, Callable]:
+  """Integer and boolean parameter leaves (counters, index tables) have no derivative: they
+  are held fixed and contribute nothing to Θ, as in `linearize`. Returns (f of the
+  floating-point leaves alone (a list), those leaves, and a function that puts per-leaf
+  results back into `params`' structure with `fill` where the constants were)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keep = [_differentiable(p) for p in leaves]
+  floats = [p for p, k in zip(leaves, keep) if k]
+
+  def f_floats(float_leaves, x, **kwargs):
+    it = iter(float_leaves)
+    return f(treedef.unflatten([next(it) if k else p for p, k in zip(leaves, keep)]), x,
+             **kwargs)
+
+  def restore(per_float: list, fill) -> PyTree:
+    it = iter(per_float)
+    return treedef.unflatten([next(it) if k else fill for k in keep])
+
+  return f_floats, floats, restore
 
 
 def _check_output_pair(fx1: PyTree, fx2: PyTree, output_axes: axes_lib.OutputAxes,
@@ -146,6 +171,12 @@ def _ntk(f, params, x1, x2, kwargs, output_axes, vmap_axes, implementation,
          per_parameter: bool) -> PyTree:
   """Validated NTK; per-parameter results have `params`' structure with kernel leaves."""
   _check_params(params)
+  if not all(_differentiable(p) for p in jax.tree.leaves(params)):
+    f_floats, floats, restore = _split_constants(f, params)
+    result = _ntk(f_floats, floats, x1, x2, kwargs, output_axes, vmap_axes, implementation,
+                  per_parameter)
+    return restore(result, jax.tree.map(jnp.zeros_like, result[0])) if per_parameter \
+        else result
   _check_inputs(x1, x2, vmap_axes)
   fx1 = _output_shapes(f, params, x1, kwargs, "x1")
   fx2 = fx1 if x2 is None else _output_shapes(f, params, x2, kwargs, "x2")
@@ -301,7 +332,6 @@ def empirical_ntk_fn(f: Callable[..., PyTree], trace_axes: Axes = (-1,),
 
 
 def _nngp(f, params, x1, x2, kwargs, output_axes) -> PyTree:
-  _check_params(params)
   _check_inputs(x1, x2, None)
   fx1 = _output_shapes(f, params, x1, kwargs, "x1")
   fx2 = fx1 if x2 is None else _output_shapes(f, params, x2, kwargs, "x2")
@@ -381,7 +411,8 @@ def ntk_vp_fn(f: Callable[..., PyTree], x1: PyTree, x2: Optional[PyTree], params
   _check_inputs(x1, x2, None)
   fx1 = _output_shapes(f, params, x1, kwargs, "x1")
   fx2 = fx1 if x2 is None else _output_shapes(f, params, x2, kwargs, "x2")
-  jvp1, vjp2 = ntk_vector_products.linear_maps(f, params, x1, x2, kwargs)
+  f_floats, floats, _ = _split_constants(f, params)
+  jvp1, vjp2 = ntk_vector_products.linear_maps(f_floats, floats, x1, x2, kwargs)
 
   def vp(v: PyTree) -> PyTree:
     if jax.tree.structure(v) != jax.tree.structure(fx2):

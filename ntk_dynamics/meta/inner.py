@@ -52,6 +52,7 @@ from jax.extend import core as jex_core
 
 from ntk_dynamics.dynamics._inputs import check_int
 from ntk_dynamics.kernels import NtkImplementation, empirical_ntk_fn
+from ntk_dynamics.kernels.structured import interpreter as interp
 from ntk_dynamics.meta import _closed_forms
 from ntk_dynamics.meta import losses
 
@@ -194,13 +195,6 @@ def head_names(params: PyTree, head: Union[None, str, Sequence[str]] = None, *,
   return names
 
 
-# Primitives that only wrap a jaxpr of their own arity: followed inside, so a jitted model or
-# a custom-derivative activation is not mistaken for one operation on all its inputs.
-_CALL_PRIMITIVES = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_call",
-                              "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "checkpoint",
-                              "remat2", "custom_lin"})
-
-
 def _graph_head(f: ApplyFn, params: Mapping, x: Any) -> tuple[str, ...]:
   """The top-level keys whose leaves the last parameterised operation before the output of
   `f(params, x)` consumes (see `head_names`)."""
@@ -250,14 +244,16 @@ def _propagate(jaxpr: Any, in_labels: list) -> list:
 
 
 def _called_jaxpr(eqn: Any) -> Any:
-  if eqn.primitive.name not in _CALL_PRIMITIVES:
+  """The body of a call (jit, checkpoint, custom-derivative function) that takes the
+  equation's operands one to one: followed inside, so a jitted model or a custom-derivative
+  activation is not mistaken for one operation on all its inputs."""
+  if eqn.primitive.name not in interp.INLINE_PRIMITIVES:
     return None
-  for value in eqn.params.values():
-    inner = value.jaxpr if isinstance(value, jex_core.ClosedJaxpr) else value
-    if (isinstance(inner, jex_core.Jaxpr) and len(inner.invars) == len(eqn.invars)
-        and len(inner.outvars) == len(eqn.outvars)):
-      return inner
-  return None
+  inner = interp.inner_jaxpr(eqn)
+  if (inner is None or len(inner[0].invars) != len(eqn.invars)
+      or len(inner[0].outvars) != len(eqn.outvars)):
+    return None
+  return inner[0]
 
 
 def anil(f: ApplyFn, *, inner_steps: int = 1, inner_lr: float = 0.01,
@@ -443,15 +439,15 @@ def make_inner_loop(name: str, f: ApplyFn, **kwargs: Any) -> InnerLoop:
   if unknown:
     everything = set().union(*map(_accepted_arguments, INNER_LOOPS))
 
-    def why(k):
+    def reason(k):
       owners = [n for n in INNER_LOOPS if k in _accepted_arguments(n)]
       if owners:
         return f"`{k}` is an argument of {', '.join(owners)}"
       close = difflib.get_close_matches(k, sorted(everything), n=1)
       return f"`{k}` is an argument of no inner loop" + (f" (`{close[0]}`?)" if close else "")
 
-    why = "; ".join(map(why, unknown))
-    raise TypeError(f"make_inner_loop: {name} got unexpected arguments {unknown} ({why}); "
+    reasons = "; ".join(map(reason, unknown))
+    raise TypeError(f"make_inner_loop: {name} got unexpected arguments {unknown} ({reasons}); "
                     f"{name} takes {sorted(accepted)}.")
   return _BUILDERS[name](f, **kwargs)
 

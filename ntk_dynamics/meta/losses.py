@@ -60,6 +60,10 @@ def check_labels(fn: str, outputs: jax.Array, y: jax.Array) -> None:
 def regression_targets(y: jax.Array, outputs: jax.Array) -> jax.Array:
   """Targets as an array shaped like the model outputs: one-hot for integer labels."""
   check_labels("regression_targets", outputs, y)
+  return _targets(y, outputs)
+
+
+def _targets(y: jax.Array, outputs: jax.Array) -> jax.Array:
   if is_classification(y):
     return jax.nn.one_hot(y, outputs.shape[-1], dtype=outputs.dtype)
   return jnp.asarray(y, outputs.dtype).reshape(outputs.shape)
@@ -69,7 +73,7 @@ def mse(outputs: jax.Array, y: jax.Array) -> jax.Array:
   """`mean((f − y)²)` of outputs (n, K) and float targets (n, K) or integer labels (n,) in
   [0, K) (one-hot encoded)."""
   check_labels("mse", outputs, y)
-  return jnp.mean((outputs - regression_targets(y, outputs)) ** 2)
+  return jnp.mean((outputs - _targets(y, outputs)) ** 2)
 
 
 def xent(logits: jax.Array, y: jax.Array) -> jax.Array:

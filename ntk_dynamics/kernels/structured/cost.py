@@ -38,7 +38,7 @@ def _eqn_macs(eqn) -> int:
     rhs = eqn.invars[1].aval.shape
     _, rhs_spec, _ = eqn.params["dimension_numbers"]
     return out * math.prod(rhs[d] for d in rhs_spec[2:]) * rhs[rhs_spec[1]]
-  inner = interp._inner(eqn)
+  inner = interp.inner_jaxpr(eqn)
   if inner is not None:
     return jaxpr_macs(inner[0])
   return out
@@ -63,7 +63,7 @@ def backward_macs(jaxpr, dependent: list, chain: list) -> int:
     if not any(in_dep):
       continue
     dep.update(eqn.outvars)
-    inner = interp._inner(eqn)
+    inner = interp.inner_jaxpr(eqn)
     if inner is not None and len(eqn.invars) >= len(inner[0].invars):
       extra = len(eqn.invars) - len(inner[0].invars)
       total += backward_macs(inner[0], in_dep[extra:],

@@ -141,7 +141,8 @@ class WalkState:
     return site, outvals
 
 
-def _inner(eqn):
+def inner_jaxpr(eqn):
+  """(jaxpr, consts) of a call-like equation's inner jaxpr, or None."""
   for k in _INNER_JAXPR_KEYS:
     if k in eqn.params:
       j = eqn.params[k]
@@ -219,7 +220,7 @@ def static_chains(jaxpr, in_chain: Sequence[bool]) -> tuple[set, list]:
     flags = [is_chain(v) for v in eqn.invars]
     if not any(flags):
       continue
-    inner = _inner(eqn) if eqn.primitive.name in _WALKED_CALLS else None
+    inner = inner_jaxpr(eqn) if eqn.primitive.name in _WALKED_CALLS else None
     if inner is not None and len(eqn.invars) >= len(inner[0].invars):
       extra = len(eqn.invars) - len(inner[0].invars)
       _, out_flags = static_chains(inner[0], flags[extra:])
@@ -298,7 +299,7 @@ def walk(jaxpr, consts, invals, inchains, state: WalkState, top: bool = False):
       continue
 
     name = eqn.primitive.name
-    inner = _inner(eqn) if name in _WALKED_CALLS else None
+    inner = inner_jaxpr(eqn) if name in _WALKED_CALLS else None
     if inner is not None:
       ijaxpr, iconsts = inner
       n_extra = len(invals_e) - len(ijaxpr.invars)

@@ -56,7 +56,7 @@ def _read(env, v):
 
 def _elementwise_call(eqn) -> bool:
   """A call (jit / custom_jvp / custom_vjp) whose body is purely elementwise."""
-  inner = interp._inner(eqn)
+  inner = interp.inner_jaxpr(eqn)
   if inner is None:
     return False
   jaxpr = inner[0]

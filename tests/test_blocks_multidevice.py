@@ -51,6 +51,11 @@ for kernel_fn, second, host, kw in [
 def masked(p, x, mask):
   return jnp.tanh((x @ p["w1"]) * mask) @ p["w2"]
 masked_fn = api.empirical_ntk_fn(masked, vmap_axes=(0, 0, {"mask": 0}), trace_axes=())
+
+def counted_masked(a, b, p, mask):
+  jax.debug.callback(record, jax.lax.axis_index(blocks.BLOCK_AXIS))
+  return masked_fn(a, b, p, mask=mask)
+
 m1, m2, m1b = rng.normal(size=(11, 8)), rng.normal(size=(9, 8)), rng.normal(size=(11, 8))
 report["mask_errors"], report["mask_mirrored"] = [], []
 whole = blocks.batch(masked_fn, memory_bytes=1e12, kwargs_axes={"mask": 0}).plan(
@@ -59,8 +64,10 @@ for second, mask, kw in [(None, m1, {"batch_size": 3}),
                          (x2, (m1, m2), {"batch_size": 3, "store_on_host": True}),
                          (None, (m1, m1b), {"batch_size": 3}),
                          (x2, (m1, m2), {"memory_bytes": whole.bytes_per_block - 1})]:
-  blocked = blocks.batch(masked_fn, kwargs_axes={"mask": 0}, **kw)
+  ran.clear()
+  blocked = blocks.batch(counted_masked, kwargs_axes={"mask": 0}, trace_axes=(), **kw)
   out = blocked(x1, second, params, mask=mask)
+  report.setdefault("mask_positions", []).append(sorted(set(ran)))
   report["mask_errors"].append(rel_err(out, masked_fn(x1, second, params, mask=mask)))
   plan = blocked.plan(x1, second, params, mask=mask)
   report["mask_mirrored"].append(plan.mirrored)
@@ -88,3 +95,4 @@ def test_blocks_run_on_four_devices():
   assert all(e <= 1e-12 for e in report["mask_errors"]), report
   assert report["mask_mirrored"] == [True, False, False, False], report
   assert min(report["mask_blocks"]) > 1, report
+  assert report["mask_positions"] == [[0, 1, 2, 3]] * 4, report

@@ -494,12 +494,27 @@ def test_momentum_flow_gradients_are_finite_in_float32():
     return jnp.sum(train ** 2) + jnp.sum(test ** 2)
 
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(kernel, jnp.float32(0.3), jnp.float32(0.9))
-  for grad in grads:
+  # The same gradients in float64 (x64 is on here) are the reference.
+  y32 = y
+  y = jnp.asarray(y, jnp.float64)
+  # (Its kernel is J Jᵀ formed in float64: exactly rank 3, as the float32 one is up to
+  # rounding, which the float32 closed form drops.)
+  jac64 = jnp.asarray(jac, jnp.float64)
+  want = jax.grad(loss, argnums=(0, 1, 2))(jac64 @ jac64.T, 0.3, 0.9)
+  y = y32
+  for grad, ref in zip(grads, want):
     assert np.all(np.isfinite(np.asarray(grad)))
+    np.testing.assert_allclose(np.asarray(grad, np.float64), ref, rtol=1e-4,
+                               atol=1e-4 * float(np.max(np.abs(ref))))
   response = lambda s, t, m: modes.heavy_ball_flow(s, t, m).sum()  # noqa: E731
   rates = jnp.asarray([0., 1e-20, 2.5e-3, 0.4, 1e3], jnp.float32)
-  for grad in jax.grad(response, argnums=(0, 1, 2))(rates, times, jnp.float32(0.9)):
+  got = jax.grad(response, argnums=(0, 1, 2))(rates, times, jnp.float32(0.9))
+  want = jax.grad(response, argnums=(0, 1, 2))(jnp.asarray(rates, jnp.float64),
+                                               jnp.asarray(times, jnp.float64), 0.9)
+  for grad, ref in zip(got, want):
     assert np.all(np.isfinite(np.asarray(grad)))
+    np.testing.assert_allclose(np.asarray(grad, np.float64), ref, rtol=1e-4,
+                               atol=1e-4 * float(np.max(np.abs(ref))))
 
 
 @pytest.mark.parametrize("momentum", [0., 0.9])

@@ -260,9 +260,9 @@ def test_per_call_rng_for_rng_free_transform_is_an_error():
     f = from_haiku(t, state=state)
     with pytest.raises(TypeError, match=r"(?s)per-call `rng`.*takes no rng"):
       f(params, X, rng=jax.random.PRNGKey(0))
+  ti = hk.without_apply_rng(hk.transform(_mlp))
+  p = _init(ti, X)
   with pytest.raises(ValueError, match=r"(?s)`params`.*int32"):
-    ti = hk.without_apply_rng(hk.transform(_mlp))
-    p = _init(ti, X)
     empirical_ntk_fn(from_haiku(ti))(X, X2, jax.tree.map(lambda a: a.astype(jnp.int32), p))
 
 
@@ -351,7 +351,11 @@ def test_linearize_with_positional_model_argument():
   params, state = _init(t, X, True)
   f = from_haiku(t, state=state)
   p = jax.tree.map(lambda a: a + 0.05, params)
-  want = linearize(f, params)(p, X, is_training=False)
+  # Reference: f(θ₀) + J·(p − θ₀) by jax.jvp of the evaluation-mode apply.
+  apply = lambda q: t.apply(q, state, None, X, False)[0]
+  f0, df = jax.jvp(apply, (params,), (jax.tree.map(lambda a, b: a - b, p, params),))
+  want = f0 + df
+  np.testing.assert_allclose(linearize(f, params)(p, X, is_training=False), want, rtol=1e-14)
   np.testing.assert_allclose(linearize(f, params)(p, X, False), want, rtol=1e-14)
   np.testing.assert_allclose(taylor_expand(f, params, 1)(p, X, False), want, rtol=1e-12)
 

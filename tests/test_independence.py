@@ -81,8 +81,8 @@ def test_batch_size_dependent_model_takes_the_whole_batch_path(name):
   ref = sum(j.reshape(5, 3, -1).transpose(0, 2, 1).reshape(5, -1) @
             j.reshape(5, 3, -1).transpose(0, 2, 1).reshape(5, -1).T
             for j in jax.tree.leaves(jac)) / 3
-  np.testing.assert_allclose(nd.empirical_ntk_fn(f)(x, None, params), ref, rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(nd.empirical_ntk_fn(f)(x, None, params), ref, rtol=1e-12,
+                             atol=1e-12)
 
 
 @pytest.mark.parametrize("name", INDEPENDENT)

@@ -66,9 +66,9 @@ def test_gradinit_objective_improves_lookahead(setup):
   assert best["grad_norm"] <= res.report["gradinit_max_grad_norm"] * (1 + 1e-6)
   with pytest.raises(ValueError, match="needs the targets"):
     ni.search_init_scales(model, params, x, objective="gradinit", steps=1)
-  with pytest.raises(ValueError, match="learning_rate"):
+  with pytest.raises(ValueError, match=r"`learning_rate` must be a finite number > 0, got -1"):
     ni.search_init_scales(model, params, x, steps=1, learning_rate=-1.)
-  with pytest.raises(ValueError, match="temperature"):
+  with pytest.raises(ValueError, match=r"`temperature` must be a finite number >= 0"):
     ni.search_init_scales(model, params, x, steps=1, temperature=-1.)
 
 

@@ -244,7 +244,7 @@ def test_numpy_integer_axes_and_list_vmap_axes(mlp):
   for trace_axes, vmap_axes in ((np.int64(-1), np.int64(0)), ((np.int32(-1),), [0, 0, None])):
     got = empirical_ntk_fn(mlp.f, trace_axes=trace_axes, vmap_axes=vmap_axes)(
         mlp.x1, mlp.x2, mlp.params)
-    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
 
 
 @pytest.mark.parametrize("bad", [True, np.bool_(False)])
@@ -269,7 +269,7 @@ def test_unbatched_output_leaf_needs_structured_derivatives():
     got = empirical_ntk_fn(f, trace_axes=(), vmap_axes=vmap_axes, implementation=impl)(
         x1, x2, params)
     for k in whole:
-      np.testing.assert_allclose(got[k], whole[k], rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(got[k], whole[k], rtol=1e-12, atol=1e-12)
   for impl in (NtkImplementation.JACOBIAN_CONTRACTION, NtkImplementation.NTK_VECTOR_PRODUCTS):
     with pytest.raises(ValueError, match=r"unbatched \(out_axes None\).*vmap_axes=None"):
       empirical_ntk_fn(f, trace_axes=(), vmap_axes=vmap_axes, implementation=impl)(

@@ -101,11 +101,12 @@ def test_mixed_precision_under_jit_and_grad():
   p = jax.tree.map(lambda a: a.astype(jnp.float32) + 1e-3, p0)
   f_lin = linearize(_mlp_f32_compute, p0)
   np.testing.assert_allclose(jax.jit(f_lin)(p, X), f_lin(p, X), rtol=1e-6, atol=1e-6)
+  # The gradient of f_lin is J(θ₀)ᵀ·1, taken at the bfloat16 expansion point: exactly f's
+  # gradient there (in θ₀'s dtype), whatever the wider p.
   g = jax.grad(lambda q: jnp.sum(f_lin(q, X)))(p)
   g0 = jax.grad(lambda q: jnp.sum(_mlp_f32_compute(q, X)))(p0)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                               rtol=1e-2, atol=1e-2)
+    np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
 
 
 # ------------------------------------------------------------------ integer / bool leaves
@@ -225,6 +226,9 @@ def test_numpy_float64_leaves_without_x64_do_not_warn():
       for _ in range(2):
         out = fn({"a": np.float64(0.6), "b": np.array(2.0)}, x)
     assert out.dtype == jnp.float32
+    # Degree 2 in a around 0.5, step 0.1: 2·(sin .5 + .1·cos .5 − .005·sin .5) at x = 1.
+    want = 2 * (np.sin(0.5) + 0.1 * np.cos(0.5) - 0.005 * np.sin(0.5))
+    np.testing.assert_allclose(np.asarray(out), np.full(3, want), rtol=1e-6)
 
 
 # ------------------------------------------------------------------ signature

@@ -170,6 +170,33 @@ def test_drift_above_threshold_warns(model, data):
   assert c.metrics["ntk_drift"] > 1e-6 and not c.metrics["trusted"]
 
 
+def test_single_training_point_with_one_output():
+  # The step limit comes from a matrix-free λ_max, here of a 1x1 kernel, on which ARPACK
+  # cannot run (this raised scipy's TypeError).
+  rng = np.random.default_rng(3)
+  data = (rng.normal(size=(1, D)), np.full((1, 1), 2.), rng.normal(size=(2, D)),
+          rng.normal(size=(2, 1)))
+  p = curves.predict_curves(models.mlp([16], 1, parameterization="ntk"), data, steps=10,
+                            log_points=3)
+  theta = float(np.asarray(p.k_train_train).ravel()[0])
+  assert p.max_learning_rate == pytest.approx(2 / theta, rel=1e-12)
+  # η = η_max/2 = N/Θ: one step lands on the target.
+  assert p.curves.train_loss[0] > 0.5 and np.all(p.curves.train_loss[1:] < 1e-25)
+
+
+def test_zero_kernel_is_refused(data):
+  # No parameter moves the outputs: Θ = 0. The step limit used to come out as N·1e12
+  # (λ_max + eps) and the prediction ran on it.
+  w = np.random.default_rng(1).normal(size=(D, K))
+
+  def f(p, x):
+    return x @ w + 0. * p["b"]
+
+  for call in (curves.predict_curves, _compare):
+    with pytest.raises(ValueError, match="λ_max = 0; nothing trains"):
+      call(f, data, params={"b": np.ones(K)}, steps=5)
+
+
 def test_bad_inputs_raise_clear_errors(model, data):
   with pytest.raises(ValueError, match="`loss` must be one of"):
     _compare(model, data, loss="hinge")
@@ -190,6 +217,14 @@ def test_bad_inputs_raise_clear_errors(model, data):
     _compare(model, {"x": 1})
   with pytest.raises(ValueError, match=r"optax.sgd\(learning_rate, momentum\) only"):
     _compare(model, data, optimizer=optax.adam(1e-3))
+  # Initial losses, the divergence test and L(0) of the deviations are read at log_at[0].
+  for call in (_compare, curves.predict_curves, curves.train_curves):
+    with pytest.raises(ValueError, match=r"`log_at` must start at step 0 .* first steps are "
+                       r"\[5, 10\]"):
+      call(model, data, log_at=[5, 10], learning_rate=0.1)
+  with pytest.raises(ValueError, match="give `learning_rate` .* or `optimizer`, not both"):
+    curves.train_curves(model, data, steps=5, learning_rate=0.1, optimizer=optax.sgd(0.2),
+                        progress=False)
 
 
 @pytest.mark.parametrize("opt, expected", [

@@ -613,3 +613,18 @@ def test_limit_gradients_under_jit_are_finite_for_nonsingular_kernels(kernel_nam
   assert all(np.all(np.isfinite(g)) for g in grads)
   assert_close(grads[0] + grads[0].T, expected[0] + expected[0].T, 1e-10)  # symmetric part
   assert_close(grads[1], expected[1], 1e-10)
+
+
+@pytest.mark.parametrize("name", ["flow", "momentum_flow"])
+def test_float32_predictions_stay_float32_for_float64_times(name):
+  """Times made by numpy (np.linspace, np.arange: float64) must not promote a float32
+  prediction to float64 (as `t=None`, the step counts and the ODE do not either)."""
+  rng = np.random.default_rng(6)
+  feats = rng.normal(size=(5, 8)).astype(np.float32)
+  kernel, y = feats @ feats.T / 8, rng.normal(size=(5, 2)).astype(np.float32)
+  factory = {"flow": dynamics.gradient_descent_mse, "momentum_flow": dynamics.momentum_flow_mse}
+  predict = factory[name](kernel, y, 0.5)
+  times = np.linspace(0., 10., 4)
+  train, test = predict(times, np.float32(0.), np.float32(0.), kernel)
+  assert train.dtype == test.dtype == predict(None, np.float32(0.)).dtype == jnp.float32
+  np.testing.assert_array_equal(train, predict(times.astype(np.float32), np.float32(0.)))

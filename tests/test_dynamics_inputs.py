@@ -113,6 +113,27 @@ def test_steps_must_be_integers():
   np.testing.assert_allclose(predict(np.array([3.]), 0.), predict(np.array([3]), 0.))
 
 
+def test_times_beyond_the_integer_dtype_are_refused_or_taken_as_floats():
+  # Counts the step dtype cannot hold used to saturate silently (1e19 steps: the initial
+  # outputs) or, without x64, wrap around ("must be >= 0; got [-1294967296]" for 3e9).
+  k, _, y = _data()
+  predict = dynamics.gradient_descent_mse_steps(k, y, 0.1)
+  with pytest.raises(ValueError, match=r"`t` \(shape \(2,\)\) counts up to 1e\+19 steps, "
+                     r"beyond the largest int64"):
+    predict(np.array([1., 1e19]), 0.)
+  with jax.enable_x64(False):
+    k32, y32 = k.astype(np.float32), y.astype(np.float32)
+    predict = dynamics.gradient_descent_mse_steps(k32, y32, 0.1)
+    for t in (np.int64(3_000_000_000), 2 ** 31, 3e9):
+      with pytest.raises(ValueError, match=r"`t` \(shape \(\)\) counts up to .* steps, beyond "
+                         r"the largest int32 \(2147483647\); enable jax_enable_x64"):
+        predict(t, 0.)
+    assert np.all(np.isfinite(predict(2 ** 31 - 1, 0.)))
+    for factory in (dynamics.gradient_descent_mse, dynamics.momentum_flow_mse):
+      flow = factory(k32, y32, 1e-9)  # ηt = 3: not yet converged
+      np.testing.assert_array_equal(flow(np.int64(3_000_000_000), 0.), flow(3e9, 0.))
+
+
 def test_ode_specific_errors():
   k, _, y = _data()
   with pytest.raises(ValueError, match="must return a scalar"):

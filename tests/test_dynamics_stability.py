@@ -96,3 +96,30 @@ def test_bad_arguments():
     dynamics.max_learning_rate(np.ones((6, 5)), 18)
   with pytest.raises(ValueError, match="`vector_shape`"):
     dynamics.largest_eigenvalue(lambda v: v)
+
+
+def test_one_entry_matrix_free_kernel():
+  # A single training point with a single output: ARPACK cannot run on a 1x1 operator.
+  vp = lambda v: 2.5 * v  # noqa: E731
+  assert float(dynamics.largest_eigenvalue(vp, vector_shape=(1, 1))) == 2.5
+  np.testing.assert_allclose(dynamics.max_learning_rate(vp, 1, 0.5, vector_shape=(1, 1)),
+                             2 * 1.5 / 2.5, rtol=1e-15)
+
+
+@pytest.mark.parametrize("scale", [1., 1e-10, 1e-14])
+def test_max_learning_rate_is_exact_in_any_kernel_units(scale):
+  # η_max = 2(1+m)N/λ_max exactly, however small the kernel's units (not 2(1+m)N/(λ_max + eps)).
+  full = scale * _full_kernel(_jacobian())
+  lam = np.linalg.eigvalsh(full.transpose(0, 2, 1, 3).reshape(18, 18))[-1]
+  np.testing.assert_allclose(dynamics.max_learning_rate(full, 18, 0.5), 3 * 18 / lam,
+                             rtol=1e-12)
+  # eps still stands in for λ_max of an all-zero kernel.
+  np.testing.assert_allclose(dynamics.max_learning_rate(0. * full, 18, eps=1e-6), 2 * 18 / 1e-6,
+                             rtol=1e-15)
+
+
+def test_zero_matrix_free_kernel():
+  # ARPACK raised "Starting vector is zero" on the zero operator.
+  zero = lambda v: 0. * v  # noqa: E731
+  assert float(dynamics.largest_eigenvalue(zero, vector_shape=(10, 3))) == 0.
+  assert float(dynamics.max_learning_rate(zero, 30, vector_shape=(10, 3), eps=0.)) == np.inf

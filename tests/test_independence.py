@@ -35,6 +35,16 @@ def _embed_attention(t):
   return hk.Linear(2)(a.mean(1))
 
 
+def _vanilla_rnn(x):
+  # Haiku's initial state is zeros broadcast to the batch size: the first recurrent matmul
+  # multiplies two constants, and the product must stay known-uniform along the batch.
+  cell = hk.VanillaRNN(5)
+  h = cell.initial_state(x.shape[0])
+  for t in range(x.shape[1]):
+    _, h = cell(x[:, t], h)
+  return hk.Linear(2)(h)
+
+
 INDEPENDENT = {
     "mlp": (lambda p, x: jax.nn.relu(jnp.tanh(flat(x) @ p["w"]) + p["b"]), P, X),
     "pytree out": (lambda p, x: {"a": flat(x) @ p["w"], "b": (flat(x) ** 2).sum(-1)}, P, X),
@@ -42,11 +52,14 @@ INDEPENDENT = {
     "cnn": _haiku(_cnn, jnp.ones((4, 8, 8, 2))) + (jnp.ones((4, 8, 8, 2)),),
     "embedding+attention over tokens": _haiku(_embed_attention, jnp.ones((4, 7), jnp.int32))
                                        + (jnp.ones((4, 7), jnp.int32),),
+    "recurrent state broadcast over the batch": _haiku(_vanilla_rnn, X) + (X,),
 }
 
 MIXING = {
     "batch mean": (lambda p, x: flat(x) @ p["w"] - (flat(x) @ p["w"]).mean(0), P, X),
     "position over batch": (lambda p, x: flat(x) @ p["w"] + jnp.arange(5.0)[:, None], P, X),
+    "position over batch through a matmul": (
+        lambda p, x: flat(x) @ p["w"] + jnp.arange(5.0)[:, None] @ jnp.ones((1, 3)), P, X),
     "attention across batch": (
         lambda p, x: jax.nn.softmax(flat(x) @ flat(x).T) @ (flat(x) @ p["w"]), P, X),
     "roll over batch": (lambda p, x: jnp.roll(flat(x) @ p["w"], 1, axis=0), P, X),
@@ -122,8 +135,9 @@ def test_default_call_matches_explicit_vmap_and_mixing_model_stays_exact():
   ref = sum(j.reshape(5, -1) @ j.reshape(5, -1).T for j in jax.tree.leaves(jac)) / 3
   np.testing.assert_allclose(nd.empirical_ntk_fn(f)(x, None, params), ref, rtol=1e-5,
                              atol=1e-5)
-  # An independent model: defaults equal the certified per-example call.
-  f, params, x = INDEPENDENT["mlp"]
-  np.testing.assert_allclose(nd.empirical_ntk_fn(f)(x, None, params),
-                             nd.empirical_ntk_fn(f, vmap_axes=0)(x, None, params),
-                             rtol=1e-6, atol=1e-6)
+  # Independent models: defaults equal the certified per-example call.
+  for name in ("mlp", "recurrent state broadcast over the batch"):
+    f, params, x = INDEPENDENT[name]
+    np.testing.assert_allclose(nd.empirical_ntk_fn(f)(x, None, params),
+                               nd.empirical_ntk_fn(f, vmap_axes=0)(x, None, params),
+                               rtol=1e-6, atol=1e-6)

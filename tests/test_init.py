@@ -151,3 +151,6 @@ def test_bad_options(setup):
     ni.center_outputs(model, params, x, mode="mean")
   with pytest.raises(TypeError, match="model"):
     ni.ntk_spectrum(3, params, x)
+  for top_k in (0, -1):  # used to slice silently: () or all eigenvalues but the smallest
+    with pytest.raises(ValueError, match=r"kernel_spectrum: `top_k` must be a positive int"):
+      ni.kernel_spectrum(np.diag([1., 2., 3.]), top_k=top_k)

@@ -45,6 +45,19 @@ def test_spectral_learning_rate(setup):
     ni.spectral_learning_rate(model, params, x, factor=0.)
 
 
+def test_spectral_learning_rate_arguments(setup):
+  model, f, params, x = setup
+  for bad in (0, 2.5):  # named as this function's argument, not max_learning_rate's
+    with pytest.raises(ValueError, match=r"spectral_learning_rate: `y_size` must be a positive "
+                       "integer"):
+      ni.spectral_learning_rate(model, params, x, y_size=bad)
+  k = _dense_kernel(f, params, x, ())
+  eta_max = 2 * N * K / np.linalg.eigvalsh(k)[-1]
+  res = ni.spectral_learning_rate(model, params, x, factor=np.float32(0.5), kernel=k)
+  assert isinstance(res.learning_rate, float)
+  assert res.learning_rate == pytest.approx(0.5 * eta_max, rel=1e-12)
+
+
 def _linearized_sgd_loss(f, params, x, lr, steps):
   """Training loss of the linearized model after `steps` of optax.sgd(lr) on fixed targets."""
   f_lin = nd.linearize(f, params)
@@ -97,6 +110,18 @@ def test_center_outputs_zero_f0_same_kernel(setup, mode):
     g = jax.grad(lambda p: jnp.sum(res.f(p, x)))(res.params)
     assert float(jnp.abs(g["theta"]["readout"]["w"]).max()) > 0
     assert set(res.params) == {"theta", "theta_prime"}
+
+
+@pytest.mark.parametrize("mode", ["antisymmetric", "subtract"])
+def test_center_outputs_keeps_float32_models_float32(mode):
+  # jax_enable_x64 is on here: a float64 numpy scalar in the wrapper used to promote the
+  # outputs of a float32 model to float64.
+  x = jax.random.normal(jax.random.PRNGKey(1), (N, D), jnp.float32)
+  model = _model()
+  params = model.init(jax.random.PRNGKey(0), x)
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  res = ni.center_outputs(model, params, mode=mode)
+  assert res.f(res.params, x).dtype == jnp.float32
 
 
 def test_center_outputs_report_checks_kernel(setup):

@@ -352,6 +352,29 @@ def test_parameter_used_twice_in_one_equation_and_through_reshapes():
   check(f, params, x1, None, (-1,), (0,), None)
 
 
+def test_recurrent_weight_jacobians_are_summed_over_stacked_uses(monkeypatch):
+  # W_h and W_x are used at every step with the same structure: their per-example Jacobians
+  # are one contraction over a stacked use axis (the kernels must not change).
+  params = {"w_x": _normal(3, 5, scale=0.5), "w_h": _normal(5, 5, scale=0.4),
+            "b": _normal(5, scale=0.1), "out": _normal(5, 2)}
+
+  def f(p, x):                       # x: (N, T, 3)
+    h = jnp.zeros((x.shape[0], 5))
+    for t in range(x.shape[1]):
+      h = jnp.tanh(x[:, t] @ p["w_x"] + h @ p["w_h"] + p["b"])
+    return h @ p["out"]
+
+  stacked = []
+  original = structured_core._stacked_jacobian
+  monkeypatch.setattr(structured_core, "_stacked_jacobian",
+                      lambda jacs: stacked.append(len(jacs)) or original(jacs))
+  x1, x2 = _normal(3, 4, 3), _normal(2, 4, 3)
+  for trace_axes, diagonal_axes, vmap_axes, x2_ in (((), (), 0, x2), ((-1,), (), 0, None),
+                                                     ((), (0,), None, x1)):
+    check(f, params, x1, x2_, trace_axes, diagonal_axes, vmap_axes)
+  assert stacked and max(stacked) >= 3, stacked
+
+
 def test_parameters_as_outputs_concatenate_and_pad():
   params = {"cls": _normal(1, 1, 3), "pos": _normal(5, 3), "w": _normal(2, 3),
             "bias": _normal(3)}

@@ -115,8 +115,10 @@ def check_symmetric(fn: str, name: str, matrix: jax.Array, shape: tuple) -> None
 
 def check_times(fn: str, name: str, t: jax.Array, *, integer: bool) -> jax.Array:
   """Validates times/step counts (non-negative, finite, integer-valued if `integer`)."""
-  t = jnp.asarray(t)
+  step_dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
   if is_concrete(t):
+    # Checked in numpy, before JAX converts: without x64 it would wrap int64 counts beyond
+    # 2³¹ − 1 around to negative ones (and refuse such Python ints outright).
     values = np.asarray(t)
     bad = ~np.isfinite(values) | (values < 0) if values.dtype.kind == "f" else values < 0
     if np.any(bad):
@@ -126,8 +128,16 @@ def check_times(fn: str, name: str, t: jax.Array, *, integer: bool) -> jax.Array
       raise ValueError(f"{fn}: `{name}` counts gradient steps and must be integer-valued, got "
                        f"an array of shape {values.shape} with non-integer entries (e.g. "
                        f"{values[values != np.round(values)].ravel()[:3]}).")
+    limit = np.iinfo(step_dtype).max
+    if integer and values.size and np.max(values) > limit:
+      raise ValueError(f"{fn}: `{name}` (shape {values.shape}) counts up to "
+                       f"{np.max(values):.6g} steps, beyond the largest "
+                       f"{np.dtype(step_dtype).name} ({limit}); enable jax_enable_x64 for "
+                       "more steps, or pass t=None for the limit.")
+    t = values.astype(np.float64) if not integer and values.dtype.kind in "iub" else values
+  t = jnp.asarray(t)
   if integer and not jnp.issubdtype(t.dtype, jnp.integer):
-    return jnp.round(t).astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+    return jnp.round(t).astype(step_dtype)
   if not integer and not jnp.issubdtype(t.dtype, jnp.floating):
     return t.astype(jnp.result_type(float))  # flows square t; integer dtypes could overflow
   return t

@@ -225,6 +225,11 @@ def _check_log_at(log_at: Any) -> np.ndarray:
                      f"{steps.dtype} of shape {steps.shape}.")
   if steps[0] < 0 or np.any(np.diff(steps) <= 0):
     raise ValueError("`log_at` must be non-negative and strictly increasing.")
+  if steps[0] != 0:
+    # The initial losses, the divergence test and the loss deviations (relative to L(0)) are
+    # read at the first logged step.
+    raise ValueError(f"`log_at` must start at step 0 (the initialization); its first steps "
+                     f"are {steps[:3].tolist()}.")
   return steps.astype(np.int64)
 
 
@@ -477,8 +482,9 @@ def _predict(f, params, data, fx_train_0, fx_test_0, *, loss, steps_at, learning
     # network's, so η_max comes from the full kernel, by NTK-vector products (never formed).
     matvec = kernels_api.ntk_vp_fn(f, data.x_train, None, params)
 
+  # eps=0: a zero kernel gives η_max = inf and the error below, not a huge finite step.
   lr_max = float(stability.max_learning_rate(matvec, size, momentum,
-                                             vector_shape=data.y_train.shape))
+                                             vector_shape=data.y_train.shape, eps=0.))
   lambda_max = 2. * (1. + momentum) * size / lr_max
   lr = learning_rate if learning_rate is not None else lr_fraction * lr_max
   if not lr_max > 0 or not math.isfinite(lr_max):
@@ -540,7 +546,7 @@ def predict_curves(model: Any, data: Any, *, params: Optional[PyTree] = None,
       that behaves as heavy-ball SGD with a constant step; η and m are read by probing it).
     momentum: heavy-ball momentum m in [0, 1) of `optax.sgd(η, momentum=m)`.
     log_points: about how many log-spaced steps to report (plus 0 and T); or `log_at`, the
-      exact increasing integer steps.
+      exact increasing integer steps, starting at 0.
     trace_axes: () (default) uses the full (n, n, K, K) kernel, exact for the linearized
       network; (-1,) uses the logit-traced (n, n) kernel Θ ⊗ I, cheaper and exact only in
       the infinite-width limit (off-diagonal class blocks are dropped).
@@ -673,6 +679,10 @@ def train_curves(model: Any, data: Any, *, params: Optional[PyTree] = None,
       raise ValueError("train_curves needs `learning_rate` or `optimizer`.")
     lr, _, momentum = _resolve_lr(learning_rate, None, None, momentum, params)
     optimizer = optax.sgd(lr, momentum=momentum or None)
+  elif learning_rate is not None or momentum:
+    # They would be ignored silently: the optimizer is used as given.
+    raise ValueError("train_curves: give `learning_rate` (and `momentum`) or `optimizer`, "
+                     "not both.")
   return _train(f, params, data_, loss=loss, steps_at=steps_at, optimizer=optimizer,
                 batch_size=batch_size, linearized=linearized, seed=seed, progress=progress,
                 callback=callback)

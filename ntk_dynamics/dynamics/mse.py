@@ -117,6 +117,8 @@ def _closed_form(fn: str, k_train_train: Any, y_train: Any, learning_rate: float
                                                 fx_test_0, k_test_train)
     else:
       t = _inputs.check_times(fn, "t", t, integer=discrete)
+      if not discrete:  # as the ODE: float64 times must not turn float32 predictions float64
+        t = t.astype(dtype)
       fx_train_t, fx_test_t = _predict_finite(
           layout, test_shape, response, response_args, learning_rate / layout.size, rates,
           spectrum, y, t, fx_train_0, fx_test_0, k_test_train)
@@ -198,8 +200,8 @@ def gradient_descent_mse_steps(k_train_train: Any, y_train: Any, learning_rate: 
   Returns:
     `predict(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None)` as for
     `gradient_descent_mse`, with `t` the number of steps (non-negative integers, any array
-    shape); t=None is the fixed point of the iteration (meaningful only below the stable
-    step).
+    shape; at most 2³¹ − 1 without `jax_enable_x64`, else ValueError); t=None is the fixed
+    point of the iteration (meaningful only below the stable step).
   """
   fn = "gradient_descent_mse_steps"
   _inputs.check_scalar(fn, "momentum", momentum, upper=1.)

@@ -67,6 +67,13 @@ def largest_eigenvalue(k_train_train: Union[jax.Array, Matvec], *,
     if dim <= DENSE_MAX_DIM or not _inputs.is_concrete(matrix):
       return jnp.linalg.eigvalsh(matrix)[-1]
     matvec = jax.jit(lambda v: matrix @ v)
+  if dim == 1:  # ARPACK needs k < dim: a 1x1 kernel is its own eigenvalue
+    return jnp.ravel(matvec(jnp.ones((1,), dtype)))[0]
+  # ARPACK fails ("starting vector is zero") on the zero operator. A random vector lies in
+  # the null space of a nonzero operator with probability 0, so Θv = 0 means Θ = 0.
+  probe = np.random.default_rng(0).standard_normal(dim)
+  if not np.any(np.asarray(matvec(jnp.asarray(probe, dtype)))):
+    return jnp.zeros((), dtype)
   op = scipy.sparse.linalg.LinearOperator(
       (dim, dim), dtype=dtype,
       matvec=lambda v: np.asarray(matvec(jnp.asarray(v.ravel(), dtype)), dtype))
@@ -98,7 +105,8 @@ def max_learning_rate(k_train_train: Union[jax.Array, Matvec], y_train_size: int
       integral scalar (Python int, numpy integer, 0-d integer array).
     momentum: m in [0, 1).
     vector_shape: shape of v for a matrix-free kernel (e.g. `y_train.shape`).
-    eps: added to λ_max to avoid dividing by zero for an all-zero kernel.
+    eps: used in place of λ_max when λ_max ≤ 0 (an all-zero kernel), to avoid dividing by
+      zero; a positive λ_max is used as it is, however small the kernel's units.
 
   Returns:
     Scalar η_max. A concrete dense kernel must be symmetric and positive semi-definite up to
@@ -111,7 +119,8 @@ def max_learning_rate(k_train_train: Union[jax.Array, Matvec], y_train_size: int
     lam = largest_eigenvalue(k_train_train, vector_shape=vector_shape)
   else:
     lam = _checked_largest_eigenvalue(fn, k_train_train)
-  return 2. * (1. + momentum) * y_train_size / (jnp.maximum(lam, 0.) + eps)
+  # Not λ_max + eps: that would bias η_max for kernels in small units (λ_max ~ eps).
+  return 2. * (1. + momentum) * y_train_size / jnp.where(lam > 0, lam, eps)
 
 
 def _checked_largest_eigenvalue(fn: str, k_train_train: Any) -> jax.Array:

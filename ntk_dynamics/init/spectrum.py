@@ -105,6 +105,8 @@ def kernel_spectrum(kernel: Any, top_k: int = 10, *, name: str = "kernel_spectru
   to rounding (λ_min ≥ −max(10·A·eps, √eps)·λ_max at the kernel's precision eps, and λ_max > 0
   unless the kernel is zero); otherwise ValueError, with the figures.
   """
+  if not isinstance(top_k, int) or top_k < 1:  # as ntk_spectrum: 0 or -1 would slice silently
+    raise ValueError(f"{name}: `top_k` must be a positive int, got {top_k!r}.")
   k_dtype = jnp.result_type(kernel) if hasattr(kernel, "dtype") else np.float64
   eps_dtype = np.dtype(k_dtype) if jnp.issubdtype(k_dtype, jnp.floating) else np.float64
   eps = float(np.finfo(eps_dtype).eps)

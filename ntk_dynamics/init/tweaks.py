@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -17,6 +18,7 @@ import numpy as np
 import optax
 
 from ntk_dynamics import dynamics
+from ntk_dynamics.dynamics import _inputs as _dyn_inputs
 from ntk_dynamics.init import _common
 from ntk_dynamics.init import spectrum as spectrum_lib
 from ntk_dynamics.kernels import NtkImplementation
@@ -122,12 +124,14 @@ def spectral_learning_rate(model: Any, params: PyTree, x: PyTree, *, factor: flo
     TweakResult with the model and params unchanged and `learning_rate` = c·η_max.
   """
   fn = "spectral_learning_rate"
-  if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+  if not (isinstance(factor, numbers.Real) and math.isfinite(factor) and factor > 0):
     raise ValueError(f"{fn}: `factor` c must be a finite number > 0, got {factor!r}.")
+  factor = float(factor)  # a numpy float32 factor would round the learning rate to float32
   f = _common.as_f(model, fn)
   _common.check_params(fn, params)
   out_shape = _common.output_shape(fn, f, params, x)
-  size = math.prod(out_shape) if y_size is None else y_size
+  size = (math.prod(out_shape) if y_size is None
+          else _dyn_inputs.check_int(fn, "y_size", y_size))
   traced = tuple(a % len(out_shape) for a in trace_axes)
   if kernel is None:
     dim = math.prod(s for i, s in enumerate(out_shape) if i not in traced)
@@ -196,7 +200,9 @@ def center_outputs(model: Any, params: PyTree, x: Optional[PyTree] = None, *,
     new_params = {"theta": params, "theta_prime": jax.tree.map(jnp.array, params)}
 
     def f_new(p, x, **kwargs):
-      return (f(p["theta"], x, **kwargs) - f(p["theta_prime"], x, **kwargs)) / np.sqrt(2.)
+      # A Python float is weakly typed: a float32 model stays float32 (np.sqrt(2.) would
+      # promote its outputs to float64 under jax_enable_x64).
+      return (f(p["theta"], x, **kwargs) - f(p["theta_prime"], x, **kwargs)) / math.sqrt(2.)
   else:
     new_params = params
     params0 = jax.tree.map(jnp.array, params)

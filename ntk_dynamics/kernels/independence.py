@@ -117,8 +117,8 @@ def _dot_general(eqn, states, shapes) -> State:
         return MIXED
       return Example(b.index(s.axis))
     return Example(offset + free.index(s.axis))
-  uniform = set()
-  for s, b, free, offset in ((ls, lb, lfree, len(lb)), (rs, rb, rfree, len(lb) + len(lfree))):
+  uniform = {i for i, (a, b) in enumerate(zip(lb, rb)) if a in ls.uniform and b in rs.uniform}
+  for s, free, offset in ((ls, lfree, len(lb)), (rs, rfree, len(lb) + len(lfree))):
     uniform |= {offset + i for i, a in enumerate(free) if a in s.uniform}
   return Constant(frozenset(uniform))
 
@@ -167,6 +167,8 @@ def _transfer(eqn, states) -> list[State]:
       return [Constant(frozenset(kept | new | grown))]
     if name in _ELEMENTWISE:
       return [_elementwise(states, shapes, out_shapes[0])]
+    if name == "dot_general":  # e.g. a recurrent state broadcast over the batch times W_h
+      return [_dot_general(eqn, states, shapes)]
     return [Constant(frozenset())] * len(eqn.outvars)
   if name in _ELEMENTWISE:
     return [_elementwise(states, shapes, out_shapes[0])] * len(eqn.outvars)

@@ -457,17 +457,31 @@ class _Jacobian:
       self.cost = n_entries * (outs + math.prod(term.stop_shape))
 
   def value(self):
-    term, ctx = self.term, self.ctx
-    n_lead = len(self.lead_shape)
-    if term.einsum:
-      x = _contract(self.ops, self.out, ctx.cache)
-      x = x.reshape(self.lead_shape + tuple(term.stop_shape))
-    else:
-      x = self._generic()
-    x = _pull_back(term.prefix, term, x, n_lead)
+    if self.term.einsum:
+      return self.finish(_contract(self.ops, self.out, self.ctx.cache))
+    return self.finish(self._generic())
+
+  def finish(self, x):
+    """The contracted network (lead..., stop space) mapped to (lead..., θ)."""
+    term = self.term
+    x = x.reshape(self.lead_shape + tuple(term.stop_shape))
+    x = _pull_back(term.prefix, term, x, len(self.lead_shape))
     if term.scale != 1.0:
       x = x * term.scale
-    return x.astype(ctx.dtype)
+    return x.astype(self.ctx.dtype)
+
+  def stack_key(self):
+    """Equal for uses whose networks differ only in their arrays (a weight applied at every
+    step of a recurrence): their Jacobians can be summed by one contraction over the uses."""
+    term = self.term
+    if not term.einsum:
+      return None
+    names: dict = {}
+    canon = lambda l: l if _is_output_label(l) else names.setdefault(l, len(names))
+    return (tuple((tuple(canon(l) for l in op.labels), op.shape) for op in self.ops),
+            tuple(canon(l) for l in self.out), tuple(st.key() for st in term.prefix),
+            term.scale, tuple(term.stop_shape))
+
 
   def _generic(self):
     term, ctx = self.term, self.ctx
@@ -501,8 +515,24 @@ class _Jacobian:
     fn = jax.vmap(per_entry, in_axes=(0, None))
     if batched:
       fn = jax.vmap(fn, in_axes=(0, 0))
-    x = fn(flat_cts, slot_vals)
-    return x.reshape(self.lead_shape + tuple(term.stop_shape))
+    return fn(flat_cts, slot_vals)
+
+
+def _stacked_jacobian(jacs: list):
+  """Σ of the Jacobians of uses with equal `stack_key`, as one network whose operands are
+  stacked along a summed use axis. Summing per-use outer products instead (a dense weight's
+  Jacobian at one step is x ⊗ ct) leaves XLA an elementwise loop: 380 ms against 10 ms for a
+  128-wide recurrent weight used at 16 steps, N·O = 320."""
+  first = jacs[0]
+  use = ("use", first.s, first.term.leaf, first.term.site)
+  ops = []
+  for p, op in enumerate(first.ops):
+    members = [j.ops[p] for j in jacs]
+    idents = [m.ident for m in members]
+    ops.append(_Op((use,) + op.labels, (len(jacs),) + op.shape,
+                   lambda members=members: jnp.stack([m.thunk() for m in members]),
+                   ident=None if None in idents else ("stack",) + tuple(idents)))
+  return first.finish(_contract(ops, first.out, first.ctx.cache))
 
 
 # --------------------------------------------------------------------------- one kernel
@@ -554,7 +584,12 @@ def _cotangent_bytes(ctx: _Ctx, terms: list) -> int:
 
 def _leaf_jacobian(ctx: _Ctx, terms: list):
   """Side 1's per-output-entry Jacobian (lead..., θ) of one parameter leaf: Σ over uses."""
-  values = [_Jacobian(ctx, 1, t, i).value() for i, t in enumerate(terms)]
+  groups: dict = {}
+  for i, t in enumerate(terms):
+    jac = _Jacobian(ctx, 1, t, i)
+    key = jac.stack_key()
+    groups.setdefault(i if key is None else key, []).append(jac)
+  values = [g[0].value() if len(g) == 1 else _stacked_jacobian(g) for g in groups.values()]
   return values[0] if len(values) == 1 else sum(values)
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Does AUTO choose well beyond the four benchmark models? A sweep over a zoo of
 architectures chosen so that the three methods trade places: deep-narrow and wide MLPs, many
-outputs, strided and depthwise convolutions, a recurrent network (one weight used at every
-step), a large embedding table, a two-block transformer, a single large example, and a plain
-JAX function with a pytree of parameters. Writes AUTO_RESULTS.md.
+outputs, strided and depthwise convolutions, recurrent networks (one weight used at every
+step: a Python loop, an LSTM under `scan`, a GRU with split gate weights), a large embedding
+table, a two-block transformer, a single large example, and a plain JAX function with a
+pytree of parameters. Writes AUTO_RESULTS.md.
 
     .venv/bin/python benchmarks/bench_auto.py            # full sweep (quiet machine!)
     .venv/bin/python benchmarks/bench_auto.py --quick    # tiny shapes, a smoke test
@@ -138,6 +139,32 @@ def rnn(quick):
   return _haiku(net, (n, steps, 32))
 
 
+def lstm_scan(quick):
+  import haiku as hk
+  import jax
+  hdim, steps, n = (8, 3, 4) if quick else (64, 12, 16)
+
+  def net(x):                      # hk.dynamic_unroll: a `scan` over time
+    core = hk.LSTM(hdim)
+    out, _ = hk.dynamic_unroll(core, jax.numpy.swapaxes(x, 0, 1),
+                               core.initial_state(x.shape[0]))
+    return hk.Linear(10)(out[-1])
+  return _haiku(net, (n, steps, 16))
+
+
+def gru(quick):
+  import haiku as hk
+  hdim, steps, n = (8, 3, 4) if quick else (64, 12, 16)
+
+  def net(x):                      # gates from fused weights, `split` inside the cell
+    core = hk.GRU(hdim)
+    h = core.initial_state(x.shape[0])
+    for t in range(x.shape[1]):
+      _, h = core(x[:, t], h)
+    return hk.Linear(10)(h)
+  return _haiku(net, (n, steps, 16))
+
+
 def embedding_bag(quick):
   import haiku as hk
   import jax
@@ -215,6 +242,9 @@ ZOO = {
                       "flatten, dense 10 on 8x8x32, N=8", cnn_depthwise),
     "rnn": ("Elman RNN (hk.VanillaRNN 128) over 16 steps of 32 features, dense 10, N=32",
             rnn),
+    "lstm": ("hk.LSTM 64 unrolled by hk.dynamic_unroll (a scan) over 12 steps of 16 "
+             "features, dense 10, N=16", lstm_scan),
+    "gru": ("hk.GRU 64 over 12 steps of 16 features (Python loop), dense 10, N=16", gru),
     "embedding": ("embedding 20000x128, mean over 32 tokens, dense 64 ReLU, dense 10, N=32",
                   embedding_bag),
     "transformer": ("2 pre-LN transformer blocks (width 64, 4 heads, MLP 128) on 16 tokens, "

@@ -45,6 +45,28 @@ def _vanilla_rnn(x):
   return hk.Linear(2)(h)
 
 
+def _lstm_unrolled_by_scan(x):
+  core = hk.LSTM(4)
+  out, _ = hk.dynamic_unroll(core, jnp.swapaxes(x, 0, 1), core.initial_state(x.shape[0]))
+  return hk.Linear(2)(out[-1])
+
+
+def _gru(x):   # its gates come from one matmul, `split` along the features
+  core = hk.GRU(4)
+  h = core.initial_state(x.shape[0])
+  for t in range(x.shape[1]):
+    _, h = core(x[:, t], h)
+  return hk.Linear(2)(h)
+
+
+def _scan_mixing_carry(p, x):
+  def step(h, xt):
+    h = jnp.tanh(xt @ p["w"][:4] + h - h.mean(0))   # the carry mixes examples
+    return h, h
+  h, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], 3)), jnp.swapaxes(x, 0, 1))
+  return h
+
+
 INDEPENDENT = {
     "mlp": (lambda p, x: jax.nn.relu(jnp.tanh(flat(x) @ p["w"]) + p["b"]), P, X),
     "pytree out": (lambda p, x: {"a": flat(x) @ p["w"], "b": (flat(x) ** 2).sum(-1)}, P, X),
@@ -53,6 +75,11 @@ INDEPENDENT = {
     "embedding+attention over tokens": _haiku(_embed_attention, jnp.ones((4, 7), jnp.int32))
                                        + (jnp.ones((4, 7), jnp.int32),),
     "recurrent state broadcast over the batch": _haiku(_vanilla_rnn, X) + (X,),
+    "lstm unrolled by scan": _haiku(_lstm_unrolled_by_scan, X) + (X,),
+    "gru gates split from one matmul": _haiku(_gru, X) + (X,),
+    "scan over time, per-example ys": (
+        lambda p, x: jax.lax.scan(lambda c, xt: (c, jnp.tanh(xt @ p["w"][:4])), 0.,
+                                  jnp.swapaxes(x, 0, 1))[1].sum(0), P, X),
 }
 
 MIXING = {
@@ -67,6 +94,12 @@ MIXING = {
     "batch max": (lambda p, x: flat(x) @ p["w"] * jnp.max(x), P, X),
     "cumsum over batch": (lambda p, x: jnp.cumsum(flat(x) @ p["w"], axis=0), P, X),
     "sort over batch": (lambda p, x: jnp.sort(flat(x) @ p["w"], axis=0), P, X),
+    "scan over the batch": (
+        lambda p, x: jax.lax.scan(lambda c, xi: (c + flat(xi[None]) @ p["w"], c), jnp.zeros(
+            (1, 3)), x)[1][:, 0], P, X),
+    "scan carry mixing examples": (_scan_mixing_carry, P, X),
+    "split along the batch": (
+        lambda p, x: jnp.concatenate(jnp.split(flat(x) @ p["w"], [1], axis=0)[::-1]), P, X),
 }
 
 
@@ -136,7 +169,8 @@ def test_default_call_matches_explicit_vmap_and_mixing_model_stays_exact():
   np.testing.assert_allclose(nd.empirical_ntk_fn(f)(x, None, params), ref, rtol=1e-5,
                              atol=1e-5)
   # Independent models: defaults equal the certified per-example call.
-  for name in ("mlp", "recurrent state broadcast over the batch"):
+  for name in ("mlp", "recurrent state broadcast over the batch", "lstm unrolled by scan",
+               "gru gates split from one matmul"):
     f, params, x = INDEPENDENT[name]
     np.testing.assert_allclose(nd.empirical_ntk_fn(f)(x, None, params),
                                nd.empirical_ntk_fn(f, vmap_axes=0)(x, None, params),

@@ -145,11 +145,59 @@ def _gather(eqn, states, shapes) -> State:
   return Example(batch_positions[indices.axis])
 
 
+def _join(a: State, b: State) -> State:
+  """A state that holds for values of either state (a loop carry before and after a step)."""
+  if a == b:
+    return a
+  if a == MIXED or b == MIXED:
+    return MIXED
+  if isinstance(a, Constant) and isinstance(b, Constant):
+    return Constant(a.uniform & b.uniform)
+  ex, other = (a, b) if isinstance(a, Example) else (b, a)
+  # A constant that is uniform along the example axis is trivially per-example there.
+  if isinstance(other, Constant) and ex.axis in other.uniform:
+    return ex
+  return MIXED
+
+
+def _scan(eqn, states) -> list[State]:
+  """Body states of `scan` at the fixed point of its carry (a loop over time steps: the
+  scanned axis 0 of xs and ys is not the example axis unless the scan runs over examples)."""
+  p = eqn.params
+  body = p["jaxpr"].jaxpr
+  n_consts, n_carry = p["num_consts"], p["num_carry"]
+  consts, carry = list(states[:n_consts]), list(states[n_consts:n_consts + n_carry])
+
+  def sliced(s):
+    if isinstance(s, Example):
+      return MIXED if s.axis == 0 else Example(s.axis - 1)
+    return s if s == MIXED else Constant(frozenset(a - 1 for a in s.uniform if a > 0))
+
+  xs = [sliced(s) for s in states[n_consts + n_carry:]]
+  for _ in range(8):   # each round can only coarsen a carry state: few rounds suffice
+    outs = _walk(body, consts + carry + xs)
+    joined = [_join(c, o) for c, o in zip(carry, outs[:n_carry])]
+    if joined == carry:
+      break
+    carry = joined
+  else:
+    return [MIXED] * len(eqn.outvars)
+
+  def stacked(s):
+    if isinstance(s, Example):
+      return Example(s.axis + 1)
+    return s if s == MIXED else Constant(frozenset(a + 1 for a in s.uniform))
+
+  return carry + [stacked(s) for s in outs[n_carry:]]
+
+
 def _transfer(eqn, states) -> list[State]:
   name = eqn.primitive.name
   shapes = [_shape(v) for v in eqn.invars]
   out_shapes = [_shape(v) for v in eqn.outvars]
   p = eqn.params
+  if name == "scan" and len(p["jaxpr"].jaxpr.invars) == len(states):
+    return _scan(eqn, states)
   if name in _CALLS and _CALLS[name] in p:
     sub = p[_CALLS[name]]
     sub = getattr(sub, "jaxpr", sub)
@@ -186,6 +234,8 @@ def _transfer(eqn, states) -> list[State]:
   if name in _REDUCTIONS:
     axes = p["axes"]
     return [MIXED if k in axes else Example(k - sum(a < k for a in axes))] * len(eqn.outvars)
+  if name == "split":   # e.g. a GRU's gates from one fused matmul
+    return [MIXED if p["axis"] == k else Example(k)] * len(eqn.outvars)
   if name in _CUMULATIVE:
     return [MIXED if p["axis"] == k else Example(k)]
   if name == "dot_general":

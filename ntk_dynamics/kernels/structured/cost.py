@@ -40,12 +40,18 @@ def _eqn_macs(eqn) -> int:
     return out * math.prod(rhs[d] for d in rhs_spec[2:]) * rhs[rhs_spec[1]]
   inner = interp.inner_jaxpr(eqn)
   if inner is not None:
-    return jaxpr_macs(inner[0])
+    return jaxpr_macs(inner[0]) * _trips(eqn)
   return out
 
 
+def _trips(eqn) -> int:
+  """How often an equation runs its inner jaxpr: a scan's length, else once."""
+  return int(eqn.params["length"]) if eqn.primitive.name == "scan" else 1
+
+
 def jaxpr_macs(jaxpr) -> int:
-  """Multiply-adds of one evaluation of `jaxpr` (inner jaxprs counted once)."""
+  """Multiply-adds of one evaluation of `jaxpr` (a scan's body once per step, other inner
+  jaxprs once)."""
   return sum(_eqn_macs(e) for e in jaxpr.eqns)
 
 
@@ -66,8 +72,8 @@ def backward_macs(jaxpr, dependent: list, chain: list) -> int:
     inner = interp.inner_jaxpr(eqn)
     if inner is not None and len(eqn.invars) >= len(inner[0].invars):
       extra = len(eqn.invars) - len(inner[0].invars)
-      total += backward_macs(inner[0], in_dep[extra:],
-                             [not lit(v) and v in chains for v in eqn.invars][extra:])
+      total += _trips(eqn) * backward_macs(
+          inner[0], in_dep[extra:], [not lit(v) and v in chains for v in eqn.invars][extra:])
       continue
     needs = sum(d and v not in chains for v, d in zip(eqn.invars, in_dep))
     if not needs:

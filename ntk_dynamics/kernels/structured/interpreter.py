@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.extend import core as jcore
 
 # Call-like primitives with an inner jaxpr.
@@ -39,10 +40,13 @@ INLINE_PRIMITIVES = frozenset({
 _WALKED_CALLS = INLINE_PRIMITIVES - CUSTOM_RULE_PRIMITIVES
 _INNER_JAXPR_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
-# Structural, linear, single-operand primitives: their output is still a chain of the leaf.
+# Structural, linear, single-operand primitives: their outputs are still chains of the leaf.
+# A slice (and each part of a split, e.g. a GRU's fused gate weights) or a reversal is a
+# linear map too: its uses are terms in its output space, pulled back to θ by the transposed
+# chain (a pad).
 CHAIN_PRIMITIVES = frozenset({
     "convert_element_type", "copy", "copy_p", "transpose", "reshape", "squeeze",
-    "broadcast_in_dim",
+    "broadcast_in_dim", "slice", "split", "rev",
 })
 
 
@@ -193,22 +197,32 @@ def _bind(eqn, invals):
   return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def _chain_step(eqn, chains) -> Optional[Step]:
-  """The Step if `eqn` keeps its (single) chain operand a chain, else None."""
-  name = eqn.primitive.name
-  if name not in CHAIN_PRIMITIVES or len(eqn.invars) != 1 or chains[0] is None:
-    return None
-  out = eqn.outvars[0].aval
-  if not jnp.issubdtype(out.dtype, jnp.inexact):
+def _chain_steps(eqn, chains) -> Optional[list]:
+  """One Step per output if `eqn` keeps its (single) chain operand a chain, else None."""
+  if not _is_chain_step(eqn, [c is not None for c in chains]):
     return None
   a = eqn.invars[0].aval
-  return Step(eqn.primitive, tuple(sorted(eqn.params.items())), tuple(a.shape), a.dtype,
-              tuple(out.shape), out.dtype)
+  if eqn.primitive.name != "split":
+    out = eqn.outvars[0].aval
+    return [Step(eqn.primitive, tuple(sorted(eqn.params.items())), tuple(a.shape), a.dtype,
+                 tuple(out.shape), out.dtype)]
+  axis, steps, start = eqn.params["axis"], [], 0
+  for v in eqn.outvars:   # each part as the slice it is
+    out = v.aval
+    lo = [0] * len(a.shape)
+    lo[axis] = start
+    hi = list(a.shape)
+    hi[axis] = start + out.shape[axis]
+    start = hi[axis]
+    params = (("limit_indices", tuple(hi)), ("start_indices", tuple(lo)), ("strides", None))
+    steps.append(Step(lax.slice_p, params, tuple(a.shape), a.dtype, tuple(out.shape),
+                      out.dtype))
+  return steps
 
 
 def _is_chain_step(eqn, in_chain: list) -> bool:
   return (eqn.primitive.name in CHAIN_PRIMITIVES and len(eqn.invars) == 1 and in_chain[0]
-          and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.inexact))
+          and all(jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars))
 
 
 def static_chains(jaxpr, in_chain: Sequence[bool]) -> tuple[set, list]:
@@ -226,7 +240,7 @@ def static_chains(jaxpr, in_chain: Sequence[bool]) -> tuple[set, list]:
       _, out_flags = static_chains(inner[0], flags[extra:])
       chains |= {v for v, c in zip(eqn.outvars, out_flags) if c}
     elif _is_chain_step(eqn, flags):
-      chains.add(eqn.outvars[0])
+      chains |= set(eqn.outvars)
   return chains, [is_chain(v) for v in jaxpr.outvars]
 
 
@@ -311,12 +325,12 @@ def walk(jaxpr, consts, invals, inchains, state: WalkState, top: bool = False):
             chain_of[v] = c
         continue
 
-    step = _chain_step(eqn, chains_e)
-    if step is not None:
-      out = _bind(eqn, invals_e)[0]
-      env[eqn.outvars[0]] = out
+    steps = _chain_steps(eqn, chains_e)
+    if steps is not None:
       c = chains_e[0]
-      chain_of[eqn.outvars[0]] = Chain(c.leaf, c.steps + (step,))
+      for v, out, step in zip(eqn.outvars, _bind(eqn, invals_e), steps):
+        env[v] = out
+        chain_of[v] = Chain(c.leaf, c.steps + (step,))
       continue
 
     # A site: the derivative of this equation w.r.t. each chain operand is a term.

@@ -125,18 +125,22 @@ def cnn_depthwise(quick):
   return _haiku(net, (n, hw, hw, c))
 
 
-def rnn(quick):
+def _python_loop_rnn(cell_cls, hdim, steps, n, features):
+  """A Haiku recurrent cell applied at every step by a Python loop, then dense 10."""
   import haiku as hk
-  import jax
-  hdim, steps, n = (8, 4, 4) if quick else (128, 16, 32)
 
   def net(x):                      # x: (N, T, D); one cell, applied at every step
-    cell = hk.VanillaRNN(hdim)
+    cell = cell_cls(hdim)
     h = cell.initial_state(x.shape[0])
     for t in range(x.shape[1]):
       _, h = cell(x[:, t], h)
     return hk.Linear(10)(h)
-  return _haiku(net, (n, steps, 32))
+  return _haiku(net, (n, steps, features))
+
+
+def rnn(quick):
+  import haiku as hk
+  return _python_loop_rnn(hk.VanillaRNN, *((8, 4, 4) if quick else (128, 16, 32)), 32)
 
 
 def lstm_scan(quick):
@@ -152,17 +156,9 @@ def lstm_scan(quick):
   return _haiku(net, (n, steps, 16))
 
 
-def gru(quick):
+def gru(quick):                    # gates from fused weights, `split` inside the cell
   import haiku as hk
-  hdim, steps, n = (8, 3, 4) if quick else (64, 12, 16)
-
-  def net(x):                      # gates from fused weights, `split` inside the cell
-    core = hk.GRU(hdim)
-    h = core.initial_state(x.shape[0])
-    for t in range(x.shape[1]):
-      _, h = core(x[:, t], h)
-    return hk.Linear(10)(h)
-  return _haiku(net, (n, steps, 16))
+  return _python_loop_rnn(hk.GRU, *((8, 3, 4) if quick else (64, 12, 16)), 16)
 
 
 def embedding_bag(quick):

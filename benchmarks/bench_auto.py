@@ -407,8 +407,10 @@ def main():
   p.add_argument("--budget-s", type=float, default=20.0,
                  help="timed calls of one configuration stop before exceeding this")
   p.add_argument("--out", default=None, help="report path (default AUTO_RESULTS.md)")
+  p.add_argument("--workdir", default=os.path.join(HERE, ".bench"),
+                 help="folder of the JSON-lines records")
   args = p.parse_args()
-  store = os.path.join(HERE, ".bench")
+  store = args.workdir
   os.makedirs(store, exist_ok=True)
   jsonl = os.path.join(store, "auto.quick.jsonl" if args.quick else "auto.jsonl")
   if args.fresh and os.path.exists(jsonl):

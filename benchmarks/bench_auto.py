@@ -316,11 +316,11 @@ def _fmt_s(s):
   return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
 
 
-def _table(records, quick):
+def _table(records):
   lines = ["| model | kernel | params | N × O | JC | VP | SD | AUTO picks | AUTO's pick / "
            "fastest | defaults | defaults / fastest | modelled GFLOP JC / VP / SD | "
            "max rel. err |", "|" + "---|" * 13]
-  ratios, default_ratios = [], []
+  ratios = []
   for (model, kind), r in sorted(records.items(), key=lambda kv: (list(ZOO).index(kv[0][0]),
                                                                   kv[0][1])):
     if r.get("status") != "ok":
@@ -335,7 +335,6 @@ def _table(records, quick):
     ratios.append(ratio)
     d = c.get("DEFAULTS", {})
     d_ratio = d["median_s"] / t[best] if d.get("status") == "ok" else math.inf
-    default_ratios.append(d_ratio)
     cells = []
     for m in METHODS:
       if m in t:
@@ -351,21 +350,23 @@ def _table(records, quick):
         + " | ".join(cells)
         + f" | {SHORT[pick]} | {ratio:.2f}× | {_fmt_s(d.get('median_s'))} | {d_ratio:.2f}× | "
         f"{model_cells} | {err:.1e} {'✓' if err <= REL_TOL else '✗'} |")
-  return lines, ratios, default_ratios
+  return lines, ratios
 
 
 def write_report(records, args, path):
-  lines, ratios, d_ratios = _table(records, args.quick)
+  lines, ratios = _table(records)
   hits = sum(r <= 1.1 for r in ratios)
   geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else float("nan")
   head = [
       "# AUTO across architectures", "",
-      f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+      f"- measured: {_span(records)}; report written "
+      f"{datetime.datetime.now().isoformat(timespec='seconds')}",
       f"- command: `.venv/bin/python benchmarks/bench_auto.py"
       f"{' --quick' if args.quick else ''}`",
       f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
       f"{platform.platform()}, Python {platform.python_version()}",
-      f"- ours: ntk_dynamics at git {common_git()}",
+      f"- ours: ntk_dynamics at git "
+      f"{', '.join(sorted({r.get('git', 'unrecorded') for r in records.values()}))}",
       "- protocol: one worker process per (model, kernel); in it JC, VP and SD with "
       "`vmap_axes=0`, AUTO with `vmap_axes=0` and the defaults (`empirical_ntk_fn(f)`, only "
       "`trace_axes` set) are each compiled and run once, then timed (median of at least 3 "
@@ -385,6 +386,11 @@ def write_report(records, args, path):
     fh.write(text)
   os.replace(tmp, path)
   return hits, len(ratios)
+
+
+def _span(records) -> str:
+  times = sorted(r["finished"] for r in records.values() if "finished" in r)
+  return f"{times[0]} to {times[-1]}" if times else "unrecorded"
 
 
 ZOO_DOC = "Models:\n\n" + "\n".join(f"- **{k}**: {v[0]}" for k, v in ZOO.items())
@@ -435,7 +441,10 @@ def main():
              {"status": "error", "message": (proc.stderr or "no result")[-300:]})
     except subprocess.TimeoutExpired:
       rec = {"status": "timeout", "message": f"over {args.timeout:.0f} s"}
-    rec.update(model=model, kind=kind)
+    # Each record keeps when and at which commit it was measured: a report rewritten later
+    # (after a partial rerun, or with no rerun at all) must not claim today's sources.
+    rec.update(model=model, kind=kind, git=common_git(),
+               finished=datetime.datetime.now().isoformat(timespec="seconds"))
     with open(jsonl, "a") as fh:
       fh.write(json.dumps(rec) + "\n")
     records[(model, kind)] = rec

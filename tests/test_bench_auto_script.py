@@ -35,7 +35,10 @@ def test_bench_auto_measures_every_configuration_and_resumes(tmp_path):
     for name, c in r["configs"].items():
       assert c["status"] == "ok" and c["rel_err"] <= 1e-4, (r["model"], name, c)
     assert r["auto_pick"] in CONFIGS - {"AUTO", "DEFAULTS"}
+    assert r["git"] and r["finished"]   # a later report states when and what was measured
   report = (tmp_path / "report.md").read_text()
+  times = sorted(r["finished"] for r in records)
+  assert f"- measured: {times[0]} to {times[-1]}" in report
   assert "AUTO's pick is within 10% of the fastest method on" in report
   assert sum(line.startswith(("| gru |", "| embedding |")) for line in report.splitlines()) == 4
   assert _run(tmp_path) == records   # a rerun finds every record and measures nothing

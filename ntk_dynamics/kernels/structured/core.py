@@ -482,7 +482,6 @@ class _Jacobian:
             tuple(canon(l) for l in self.out), tuple(st.key() for st in term.prefix),
             term.scale, tuple(term.stop_shape))
 
-
   def _generic(self):
     term, ctx = self.term, self.ctx
     side = ctx.sides[self.s - 1]

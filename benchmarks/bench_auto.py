@@ -2,9 +2,9 @@
 """Does AUTO choose well beyond the four benchmark models? A sweep over a zoo of
 architectures chosen so that the three methods trade places: deep-narrow and wide MLPs, many
 outputs, strided and depthwise convolutions, recurrent networks (one weight used at every
-step: a Python loop, an LSTM under `scan`, a GRU with split gate weights), a large embedding
-table, a two-block transformer, a single large example, and a plain JAX function with a
-pytree of parameters. Writes AUTO_RESULTS.md.
+step: a Python loop, an LSTM under `scan` over 12 and 96 steps, a GRU with split gate
+weights), a large embedding table, a two-block transformer, a single large example, and a
+plain JAX function with a pytree of parameters. Writes AUTO_RESULTS.md.
 
     .venv/bin/python benchmarks/bench_auto.py            # full sweep (quiet machine!)
     .venv/bin/python benchmarks/bench_auto.py --quick    # tiny shapes, a smoke test
@@ -143,10 +143,10 @@ def rnn(quick):
   return _python_loop_rnn(hk.VanillaRNN, *((8, 4, 4) if quick else (128, 16, 32)), 32)
 
 
-def lstm_scan(quick):
+def lstm_scan(quick, steps=12):
   import haiku as hk
   import jax
-  hdim, steps, n = (8, 3, 4) if quick else (64, 12, 16)
+  hdim, steps, n = (8, 3, 4) if quick else (64, steps, 16)
 
   def net(x):                      # hk.dynamic_unroll: a `scan` over time
     core = hk.LSTM(hdim)
@@ -240,6 +240,7 @@ ZOO = {
             rnn),
     "lstm": ("hk.LSTM 64 unrolled by hk.dynamic_unroll (a scan) over 12 steps of 16 "
              "features, dense 10, N=16", lstm_scan),
+    "lstm_long": ("the same LSTM over 96 steps", lambda quick: lstm_scan(quick, 96)),
     "gru": ("hk.GRU 64 over 12 steps of 16 features (Python loop), dense 10, N=16", gru),
     "embedding": ("embedding 20000x128, mean over 32 tokens, dense 64 ReLU, dense 10, N=32",
                   embedding_bag),

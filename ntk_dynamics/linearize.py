@@ -88,6 +88,25 @@ def _point(fn: str, params: PyTree) -> _Point:
   return _Point(treedef, paths, leaves, diff)
 
 
+def _structure_difference(with_path: list, treedef: Any, point: _Point) -> str:
+  """The leaf paths `p` lacks or adds, first: a large model's two full structures are
+  thousands of characters that differ in one key."""
+  def shown(paths):
+    names = [jax.tree_util.keystr(k) or "(the root)" for k in paths[:3]]
+    return ", ".join(names) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+  given = [path for path, _ in with_path]
+  given_set, expected_set = set(given), set(point.paths)
+  missing = [k for k in point.paths if k not in given_set]
+  extra = [k for k in given if k not in expected_set]
+  parts = ([f"it lacks {shown(missing)}"] if missing else []) + (
+      [f"it has {shown(extra)}, which `params` lacks"] if extra else [])
+  if not parts:
+    parts = ["it has the same leaf paths in other containers (e.g. a list for a tuple)"]
+  text = f"{'; '.join(parts)} (got {treedef}, expected {point.treedef})"
+  return text if len(text) < 1000 else text[:1000] + "..."
+
+
 def _delta(fn: str, p: PyTree, point: _Point) -> tuple[list, Optional[list]]:
   """Checks `p` against θ₀ and returns the step p − θ₀ on the expanded leaves as tangents in
   θ₀'s dtypes: (`hi`, `lo`), where `lo` is None when every step is exactly representable
@@ -95,9 +114,8 @@ def _delta(fn: str, p: PyTree, point: _Point) -> tuple[list, Optional[list]]:
   that hi + lo carries about twice θ₀'s mantissa bits of the wide-dtype step."""
   with_path, treedef = jax.tree_util.tree_flatten_with_path(p)
   if treedef != point.treedef:
-    raise ValueError(
-        f"{fn}: `p` has pytree structure {treedef}, expected {point.treedef} (the structure "
-        "of `params`, the expansion point; container types must match too).")
+    raise ValueError(f"{fn}: `p` does not have the pytree structure of `params`, the "
+                     f"expansion point: {_structure_difference(with_path, treedef, point)}.")
   hi, lo, split = [], [], False
   for (path, leaf), p0, diff in zip(with_path, point.leaves, point.diff):
     where = f"`p` leaf {jax.tree_util.keystr(path) or '(the root)'}"

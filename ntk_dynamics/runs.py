@@ -200,7 +200,11 @@ def _save_checkpoint(path, tree, *, step, extra):
   arrays = {f"leaf_{i:05d}": np.asarray(jax.random.key_data(x)
                                         if _is_typed_key(x) else x)
             for i, x in enumerate(leaves)}
-  meta = {"step": int(step), "num_leaves": len(leaves), "extra": dict(extra or {})}
+  # `.npy` has no code for ml_dtypes' types (bfloat16, float8_*): they are stored as raw bytes
+  # ("V2"), and their names here let `load_checkpoint` tell them apart.
+  dtypes = [str(arrays[f"leaf_{i:05d}"].dtype) for i in range(len(leaves))]
+  meta = {"step": int(step), "num_leaves": len(leaves), "dtypes": dtypes,
+          "extra": dict(extra or {})}
   arrays["__meta__"] = np.frombuffer(strict_json_dumps(meta).encode(), np.uint8)
   buf = io.BytesIO()
   np.savez(buf, **arrays)
@@ -215,9 +219,11 @@ def load_checkpoint(path: str | os.PathLike, template: PyTree
                     ) -> Optional[tuple[int, PyTree, dict]]:
   """Returns `(step, tree, extra)` from `save_checkpoint`, or None if `path` does not exist.
 
-  `template` fixes the pytree structure and leaf dtypes; a mismatch raises ValueError. A file
-  that cannot be read (truncated, damaged, not written by `save_checkpoint`) raises
-  `CorruptCheckpointError`. Non-finite floats in `extra` round-trip.
+  `template` fixes the pytree structure, leaf shapes and dtypes (PRNG key leaves: their key
+  implementation and shape); a leaf that does not match raises ValueError naming it, since a
+  cast would resume from values other than those saved. A file that cannot be read
+  (truncated, damaged, not written by `save_checkpoint`) raises `CorruptCheckpointError`.
+  Non-finite floats in `extra` round-trip.
   """
   path = pathlib.Path(path)
   if not path.exists():
@@ -229,6 +235,10 @@ def load_checkpoint(path: str | os.PathLike, template: PyTree
     meta = restore_non_finite(json.loads(bytes(arrays["__meta__"]).decode()))
     num_leaves, step, extra = int(meta["num_leaves"]), int(meta["step"]), dict(meta["extra"])
     stored = [arrays[f"leaf_{i:05d}"] for i in range(num_leaves)]
+    # Older checkpoints have no names; an ml_dtypes leaf of theirs could never be loaded.
+    names = meta.get("dtypes") or [str(a.dtype) for a in stored]
+    stored = [a.view(jax.numpy.dtype(name)) if a.dtype.kind == "V" and str(a.dtype) != name
+              else a for a, name in zip(stored, names)]
   except (zipfile.BadZipFile, EOFError, OSError, KeyError, TypeError, ValueError) as e:
     raise CorruptCheckpointError(
         f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); delete it to "
@@ -239,11 +249,20 @@ def load_checkpoint(path: str | os.PathLike, template: PyTree
                      f"has {len(t_leaves)}: it was written by a different configuration.")
   leaves = []
   for i, (arr, t) in enumerate(zip(stored, t_leaves)):
+    # What `save_checkpoint` would have stored for the template's leaf.
+    expected = jax.random.key_data(t) if _is_typed_key(t) else t
+    shape = np.shape(expected)
+    dtype = np.dtype(expected.dtype if hasattr(expected, "dtype") else
+                     np.asarray(expected).dtype)
+    if arr.shape != shape or arr.dtype != dtype:
+      what = (f"a PRNG key array of shape {np.shape(t)} ({jax.random.key_impl(t)})"
+              if _is_typed_key(t) else "an array")
+      raise ValueError(f"checkpoint {path}: leaf {i} is stored with shape {arr.shape} and "
+                       f"dtype {arr.dtype}; the template expects {what} stored with shape "
+                       f"{shape} and dtype {dtype}: it was written by a different "
+                       "configuration.")
     if _is_typed_key(t):
       leaves.append(jax.random.wrap_key_data(arr, impl=jax.random.key_impl(t)))
       continue
-    if arr.shape != np.shape(t):
-      raise ValueError(f"checkpoint {path}: leaf {i} has shape {arr.shape}, the template "
-                       f"expects {np.shape(t)}.")
     leaves.append(jax.numpy.asarray(arr, dtype=jax.numpy.result_type(t)))
   return step, treedef.unflatten(leaves), extra

@@ -8,15 +8,21 @@ seed into OUT/width{W}_seed{S}/ and summarises it in OUT/sweep.csv and OUT/sweep
 Every file is written atomically: after Ctrl-C, files on disk are complete (curves.csv holds
 the actual curve up to the last logged step reached), metrics.json of the run cut short says
 "status": "interrupted" with the step reached and the curves logged so far, and the command
-exits with status 130.
+exits with status 130. The same command with `--resume` keeps every run that completed in
+`--out` with the same settings (config.json) and redoes the others from the start, so a sweep
+ends as an uninterrupted one would; other settings are refused.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import pathlib
 import sys
 import time
+import warnings
+from typing import Optional
 
 from recipes.cli import int_list, non_negative_int, positive_float, positive_int
 
@@ -71,13 +77,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--kernel-batch-size", type=positive_int, default=None,
                  help="compute kernels in blocks of this many examples (bounds memory)")
   g = p.add_argument_group("run")
-  g.add_argument("--seed", type=int, default=0, help="initialization seed")
+  g.add_argument("--seed", type=int, default=None, help="initialization seed (default 0)")
   g.add_argument("--widths", type=int_list(minimum=1), default=None,
                  help="comma-separated widths: a sweep (e.g. 128,512,2048)")
   g.add_argument("--seeds", type=int_list(), default=None,
                  help="comma-separated seeds: a sweep (e.g. 0,1,2)")
   g.add_argument("--out", default="runs/curves", help="output folder")
   g.add_argument("--no-progress", action="store_true", help="no progress bars")
+  g.add_argument("--resume", action="store_true",
+                 help="continue an interrupted run in --out: runs completed there with the same "
+                      "settings are kept, the others are redone")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -90,6 +99,10 @@ def _validate(args: argparse.Namespace) -> None:
     raise SystemExit("curves: --momentum must be in [0, 1).")
   if args.batch_size is not None and args.batch_size > args.n_train:
     raise SystemExit("curves: --batch-size must be in [1, --n-train].")
+  if args.widths is not None and args.width is not None:
+    raise SystemExit("curves: give --width (one run) or --widths (a sweep), not both.")
+  if args.seeds is not None and args.seed is not None:
+    raise SystemExit("curves: give --seed (one run) or --seeds (a sweep), not both.")
 
 
 def build_model(name: str, width: int, depth: int, num_outputs: int, parameterization: str):
@@ -107,6 +120,16 @@ def build_model(name: str, width: int, depth: int, num_outputs: int, parameteriz
 # ----------------------------------------------------------------------------- figures
 
 
+def _log_log_if_possible(values) -> dict:
+  """Log-log axes for a panel plotting `values` when one of them is finite and positive, else
+  linear ones: matplotlib refuses to draw a log axis holding no such value ("Data cannot be
+  log-scaled"), as in a diverged run whose curves are NaN."""
+  import numpy as np
+  v = np.asarray(values, np.float64)
+  scale = "log" if np.any(np.isfinite(v) & (v > 0)) else "linear"
+  return {"xscale": scale, "yscale": scale}
+
+
 def _save_plot(path, predicted, actual, title: str) -> None:
   import numpy as np
 
@@ -118,11 +141,12 @@ def _save_plot(path, predicted, actual, title: str) -> None:
   x = s[keep]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   for ax, split in zip(axes[:2], ("train", "test")):
-    ax.plot(x, getattr(actual, f"{split}_loss")[keep], "C0-", label="actual (optax)")
-    ax.plot(x, getattr(predicted, f"{split}_loss")[keep], "C1--", label="predicted (NTK₀)")
-    ax.axhline(getattr(actual, f"{split}_loss")[0], color="0.6", lw=0.8, ls=":",
-               label="initial loss")
-    ax.set(title=f"{split} loss", xlabel="step", ylabel="loss", xscale="log", yscale="log")
+    act, pred = (np.asarray(getattr(c, f"{split}_loss")) for c in (actual, predicted))
+    ax.plot(x, act[keep], "C0-", label="actual (optax)")
+    ax.plot(x, pred[keep], "C1--", label="predicted (NTK₀)")
+    ax.axhline(act[0], color="0.6", lw=0.8, ls=":", label="initial loss")
+    ax.set(title=f"{split} loss", xlabel="step", ylabel="loss",
+           **_log_log_if_possible(np.concatenate([act[keep], pred[keep]])))
   ax = axes[2]
   for split, color in (("train", "C2"), ("test", "C3")):
     ax.plot(x, getattr(actual, f"{split}_accuracy")[keep], f"{color}-",
@@ -162,9 +186,12 @@ def _save_sweep_plot(path, rows: list[dict], title: str) -> None:
     for key, name, color in series:
       for r in rows:
         ax.plot(r["width"], r[key], "o", color=color, alpha=0.4, ms=4)
-      means = [np.nanmean([r[key] for r in rows if r["width"] == w]) for w in widths]
+      with warnings.catch_warnings():  # a width whose runs all diverged has a NaN mean
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = [np.nanmean([r[key] for r in rows if r["width"] == w]) for w in widths]
       ax.plot(widths, means, "-", color=color, label=f"{name} (mean over seeds)")
-    ax.set(title=label, xlabel="width", xscale="log", yscale="log")
+    values = [r[key] for key, _, _ in series for r in rows]
+    ax.set(title=label, xlabel="width", **_log_log_if_possible(values))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
   plots.save_figure(path, fig, suptitle=title, fontsize=10)
@@ -222,10 +249,12 @@ def _partial_metrics(state: dict) -> dict:
 
 
 def _one_run(args, data, width: int, seed: int, out: pathlib.Path, progress: bool,
-             title_extra: str = ""):
-  """One comparison into `out`. On Ctrl-C, writes `out/metrics.json` with status
-  "interrupted" (the step reached, the curves logged so far, and the final metrics if they
-  were already computed) and re-raises the KeyboardInterrupt with `.run_dir` and `.step`."""
+             fingerprint: str, title_extra: str = ""):
+  """One comparison into `out`. metrics.json records the settings' `fingerprint`, which
+  `--resume` checks before keeping a completed run. On Ctrl-C, writes `out/metrics.json` with
+  status "interrupted" (the step reached, the curves logged so far, and the final metrics if
+  they were already computed) and re-raises the KeyboardInterrupt with `.run_dir` and
+  `.step`."""
   import jax
 
   from ntk_dynamics import runs
@@ -233,7 +262,8 @@ def _one_run(args, data, width: int, seed: int, out: pathlib.Path, progress: boo
 
   depth = args.depth if args.depth is not None else DEFAULT_DEPTH[args.model]
   about = dict(width=width, depth=depth, seed=seed, model=args.model,
-               parameterization=args.parameterization, dataset=data.name, steps=args.steps)
+               parameterization=args.parameterization, dataset=data.name, steps=args.steps,
+               settings_fingerprint=fingerprint)
   # stage: kernels (and prediction) -> training -> drift (training done) -> files.
   state = {"predicted": None, "actual": None, "stage": "kernels", "metrics": None}
   t0 = time.perf_counter()
@@ -306,18 +336,65 @@ def _interrupted(e: KeyboardInterrupt, out: pathlib.Path, sweep: bool, done: int
                  f"logged so far; curves.csv has them too).")
   if sweep:
     lines.append(f"{done} of {total} runs completed ({out}/sweep.csv).")
-  lines.append("curves cannot resume: run the command again"
-               + (", with --widths / --seeds of the runs left," if sweep and done else "")
-               + " to finish.")
+  lines.append("run the same command with --resume to finish: "
+               + ("the completed runs are kept, " if sweep else "")
+               + "the interrupted run starts over.")
   print("\n".join(lines), file=sys.stderr, flush=True)
   return 130
+
+
+# Options that do not change what is computed; every other entry of config.json must match
+# for `--resume` to keep a run.
+RUN_CONTROL = ("out", "no_progress", "resume", "argv")
+
+
+def _settings(config: dict) -> dict:
+  """config.json without the run-control entries, as JSON reads it back."""
+  from ntk_dynamics import runs
+  kept = {k: v for k, v in config.items() if k not in RUN_CONTROL}
+  return runs.restore_non_finite(json.loads(runs.strict_json_dumps(kept)))
+
+
+def _check_resume(out: pathlib.Path, settings: dict, flags: set) -> None:
+  """Refuses (SystemExit) to resume into `out` when its config.json holds other settings;
+  nothing to check when there is none (a fresh start)."""
+  from ntk_dynamics import runs
+  path = out / "config.json"
+  if not path.exists():
+    return
+  try:
+    stored = _settings(runs.read_json(path))
+  except (OSError, ValueError, AttributeError) as e:
+    raise SystemExit(f"curves: --resume cannot read {path} ({e}); use another --out, or "
+                     "drop --resume to start over.") from None
+  changed = [f"{'--' + k.replace('_', '-') if k in flags else k} {stored.get(k)!r} -> "
+             f"{settings.get(k)!r}" for k in sorted(set(stored) | set(settings))
+             if stored.get(k) != settings.get(k)]
+  if changed:
+    raise SystemExit(f"curves: --resume: {out} holds runs with other settings ("
+                     + "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else "")
+                     + "); use another --out, or drop --resume to start over.")
+
+
+def _completed(run_dir: pathlib.Path, fingerprint: str) -> Optional[dict]:
+  """The metrics of a run that completed in `run_dir` with these settings, else None."""
+  from ntk_dynamics import runs
+  try:
+    m = runs.read_json(run_dir / "metrics.json")
+  except (OSError, ValueError):
+    return None
+  files = all((run_dir / name).exists() for name in ("curves.csv", "plot.png"))
+  if (files and isinstance(m, dict) and m.get("status") == "complete"
+      and m.get("settings_fingerprint") == fingerprint):
+    return m
+  return None
 
 
 def run(args: argparse.Namespace) -> int:
   _validate(args)
   # The parser refuses empty lists (`--widths ''` is not "no sweep").
   widths = args.widths
-  seeds = [args.seed] if args.seeds is None else args.seeds
+  seeds = [0 if args.seed is None else args.seed] if args.seeds is None else args.seeds
   sweep = widths is not None or len(seeds) > 1
   widths = widths or [args.width or DEFAULT_WIDTH[args.model]]
 
@@ -339,19 +416,31 @@ def run(args: argparse.Namespace) -> int:
                  "jax_version": jax.__version__, "platform": jax.devices()[0].platform,
                  "x_train_shape": list(data.x_train.shape), "num_classes": data.num_classes,
                  "argv": sys.argv[1:]})
+  settings = _settings(config)
+  fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+  if args.resume:
+    _check_resume(out, settings, set(vars(args)))
+    if not sweep and _completed(out, fingerprint) is not None:
+      print(f"nothing to resume: {out}/metrics.json is complete, with these settings.")
+      return 0
   runs.atomic_write_json(out / "config.json", config)
 
   rows = []
   total = len(widths) * len(seeds)
   try:
     if not sweep:
-      comparison, _ = _one_run(args, data, widths[0], seeds[0], out, progress)
+      comparison, _ = _one_run(args, data, widths[0], seeds[0], out, progress, fingerprint)
     else:
       for width in widths:
         for seed in seeds:
-          print(f"[{len(rows) + 1}/{total}] width {width}, seed {seed}", flush=True)
           sub = out / f"width{width}_seed{seed}"
-          comparison, m = _one_run(args, data, width, seed, sub, progress)
+          m = _completed(sub, fingerprint) if args.resume else None
+          if m is not None:
+            print(f"[{len(rows) + 1}/{total}] width {width}, seed {seed}: completed in {sub}, "
+                  "kept", flush=True)
+          else:
+            print(f"[{len(rows) + 1}/{total}] width {width}, seed {seed}", flush=True)
+            _, m = _one_run(args, data, width, seed, sub, progress, fingerprint)
           rows.append({k: m.get(k) for k in SWEEP_COLUMNS} | {"seconds": m["total_seconds"]})
           runs.atomic_write_csv(out / "sweep.csv", SWEEP_COLUMNS,
                                 [[r[k] for k in SWEEP_COLUMNS] for r in rows])

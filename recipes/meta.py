@@ -17,7 +17,7 @@ import math
 import sys
 import time
 
-from recipes.cli import non_negative_int, positive_float, positive_int
+from recipes.cli import int_list, non_negative_int, positive_float, positive_int
 
 INNER = ("maml", "anil", "ntk_flow", "ntk_steps", "ntk_ridge")
 # Tasks with a split of their classes that holds validation classes (--select validation).
@@ -80,8 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="weight std × √fan_in (default 1/√3, the std of PyTorch nn.Linear's "
                       "default init; with He's √2 MAML's α=0.01 is beyond the stable inner "
                       "step on sinusoids)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--eval-seed", type=int, default=1_000_003,
+  p.add_argument("--seed", type=_seed, default=0,
+                 help="seed of the task stream and of the initialization, in [0, 2**32)")
+  p.add_argument("--eval-seed", type=non_negative_int, default=1_000_003,
                  help="pool seed of the held-out tasks (the same for every run)")
   p.add_argument("--out", default=None, help="run folder (required for --resume)")
   p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir")
@@ -91,11 +92,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--profile", action="store_true",
                  help="measure time and compiled memory of one meta-step of every inner loop "
                       "for --profile-steps instead of training")
-  p.add_argument("--profile-steps", default="1,5,10,50")
-  p.add_argument("--profile-inner", default=",".join(INNER),
+  p.add_argument("--profile-steps", type=int_list(minimum=0), default="1,5,10,50",
+                 help="comma-separated inner step counts (ints >= 0) to profile")
+  p.add_argument("--profile-inner", type=_inner_list, default=",".join(INNER),
                  help="comma-separated inner loops to profile")
   p.add_argument("--profile-repeats", type=non_negative_int, default=5,
                  help="timed calls per configuration (the median is reported)")
+
+
+def _seed(text: str) -> int:
+  """A type for --seed: `jax.random.key` keeps only the low 32 bits of a seed unless
+  jax_enable_x64 is on, so a seed outside [0, 2**32) would replay another's run."""
+  v = non_negative_int(text)
+  if v >= 2 ** 32:
+    raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text!r}")
+  return v
+
+
+def _inner_list(text: str) -> list[str]:
+  """A type for --profile-inner: a non-empty comma-separated list of loops of `INNER`."""
+  names = [s.strip() for s in text.split(",") if s.strip()]
+  unknown = [s for s in names if s not in INNER]
+  if unknown or not names:
+    raise argparse.ArgumentTypeError(f"must list inner loops of {', '.join(INNER)}, got "
+                                     f"{text!r}")
+  return names
 
 
 def _defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -264,12 +285,7 @@ def _profile(args, f, params, train) -> int:
   from ntk_dynamics.meta.profile import profile_meta_step
 
   batch = train.sample(args.seed, args.meta_batch)
-  step_counts = [int(s) for s in args.profile_steps.split(",") if s.strip()]
-  inners = [s.strip() for s in args.profile_inner.split(",") if s.strip()]
-  unknown = [s for s in inners if s not in INNER]
-  if unknown or any(k < 0 for k in step_counts):
-    raise SystemExit(f"error: --profile-inner must name loops of {INNER} and --profile-steps "
-                     f"be non-negative ints; got {unknown or step_counts}.")
+  step_counts, inners = args.profile_steps, args.profile_inner
   print(f"profiling one meta-step ({args.meta_batch} tasks, Adam): "
         f"{_describe(args, f(params, batch['support'][0][0]).shape[-1])}, jax "
         f"{jax.__version__} on {jax.devices()[0].platform}")

@@ -81,7 +81,7 @@ class FewShotSampler(TaskSampler):
       (always 0 without rotations).
 
   Args:
-    x: (M, H, W, C) images of a real dtype (e.g. uint8 with scale=1/255).
+    x: (M, H, W, C) images of a real dtype (e.g. uint8 with scale=1/255), finite.
     y: (M,) integer class ids.
     n_way: classes per task, at least 2 (a 1-way task is trivially solved) and at most
       `num_classes`.
@@ -104,6 +104,11 @@ class FewShotSampler(TaskSampler):
     if x.ndim != 4 or x.dtype.kind not in "uif":
       raise ValueError(f"`x` must be a (M, H, W, C) array of real numbers, got shape {x.shape} "
                        f"and dtype {x.dtype}.")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+      bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+      raise ValueError(f"`x` holds non-finite values (NaN or inf) in {bad.size} of its "
+                       f"{len(x)} images, e.g. images {bad[:5].tolist()}: tasks drawn from them "
+                       "would carry them into training.")
     if y.shape != x.shape[:1] or y.dtype.kind not in "iu":
       raise ValueError(f"`y` must be ({x.shape[0]},) integer class ids (one per image of `x`), "
                        f"got shape {y.shape} and dtype {y.dtype}.")

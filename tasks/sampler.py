@@ -8,6 +8,7 @@ numpy (jax functions take them as they are).
 from __future__ import annotations
 
 import abc
+import numbers
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,6 +35,10 @@ class TaskSampler(abc.ABC):
       self._pool_seed = None
     else:
       size = check_positive_int("num_tasks", num_tasks)
+      # An int only (not a JAX key, which `as_generator` would take): `describe` records it.
+      if isinstance(pool_seed, bool) or not isinstance(pool_seed, numbers.Integral):
+        raise ValueError(f"`pool_seed` must be a non-negative int seed, got "
+                         f"{type(pool_seed).__name__} {pool_seed!r}.")
       self._pool = self._draw(as_generator(pool_seed, "pool_seed"), size)
       self._pool_seed = int(pool_seed)
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -20,10 +21,9 @@ from tests.cli_common import usage_error
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
-
-def test_the_entry_point_exits_2_with_one_line():
-  proc = subprocess.run([sys.executable, "-m", "recipes.cli", "meta", "--checkpoint-every", "0"],
+@pytest.mark.parametrize("module", ["recipes.cli", "recipes"])
+def test_the_entry_point_exits_2_with_one_line(module):
+  proc = subprocess.run([sys.executable, "-m", module, "meta", "--checkpoint-every", "0"],
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and proc.stdout == ""
   assert proc.stderr == ("ntk-dynamics meta: error: argument --checkpoint-every: must be a "
@@ -203,3 +203,29 @@ def test_json_files_are_strict_and_round_trip(tmp_path):
   # Finite documents are unchanged: no "non_finite" key.
   assert "non_finite" not in _strict(runs.atomic_write_json(tmp_path / "f.json",
                                                             {"x": 1.0}).read_text())
+
+
+def test_checkpoint_leaves_load_only_into_their_own_dtype_and_shape(tmp_path):
+  """A template leaf of another dtype or PRNG key shape is refused, naming the leaf: before,
+  float64 values were silently rounded to a float32 template (1.1 -> int 1 for an integer one)
+  and four saved keys came back where the template held one. bfloat16 leaves, which `.npy`
+  stores as raw bytes, could not be loaded at all."""
+  path = tmp_path / "c.npz"
+  saved = {"w": jnp.array([1.1, 2.7], jnp.float64), "h": jnp.array([1.5, -2.0], jnp.bfloat16),
+           "key": jax.random.split(jax.random.key(0), 4)}
+  runs.save_checkpoint(path, saved, step=2)
+  step, tree, _ = runs.load_checkpoint(path, saved)
+  assert step == 2 and tree["h"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(tree["h"], np.float32), [1.5, -2.0])
+  np.testing.assert_array_equal(jax.random.key_data(tree["key"]),
+                                jax.random.key_data(saved["key"]))
+  for leaf, other, expected in (  # leaves in key order: h, key, w
+      ("w", jnp.ones(2, jnp.float32), rf"checkpoint {path}: leaf 2 is stored with shape \(2,\) "
+                                      r"and dtype float64; the template expects an array "
+                                      r"stored with shape \(2,\) and dtype float32"),
+      ("w", jnp.ones(2, jnp.int32), "leaf 2 .* dtype float64; .* dtype int32"),
+      ("h", jnp.ones(2, jnp.float16), "leaf 0 .* dtype bfloat16; .* dtype float16"),
+      ("key", jax.random.key(0), r"leaf 1 is stored with shape \(4, 2\) .* a PRNG key array "
+                                 r"of shape \(\) .* stored with shape \(2,\)")):
+    with pytest.raises(ValueError, match=expected):
+      runs.load_checkpoint(path, dict(saved, **{leaf: other}))

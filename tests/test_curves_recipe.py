@@ -4,7 +4,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import types
 
+import numpy as np
 import pytest
 
 from ntk_dynamics import runs
@@ -12,8 +14,9 @@ from ntk_dynamics.dynamics import curves
 from recipes import cli
 from recipes import curves as recipe
 
-TINY = ["--n-train", "24", "--n-test", "16", "--width", "32", "--steps", "20",
-        "--log-points", "6", "--drift-examples", "8", "--no-progress"]
+BASE = ["--n-train", "24", "--n-test", "16", "--steps", "20", "--log-points", "6",
+        "--drift-examples", "8", "--no-progress"]
+TINY = BASE + ["--width", "32"]  # sweeps give --widths instead
 
 
 def _read_csv(path):
@@ -45,7 +48,7 @@ def test_single_run_writes_all_files(tmp_path, capsys):
 def test_sweep_xent_momentum_writes_table_and_plot(tmp_path, capsys):
   out = tmp_path / "sweep"
   with pytest.warns(curves.UntrustedPredictionWarning):  # narrow nets drift with xent
-    code = cli.main(["curves", *TINY, "--widths", "8,32", "--loss", "xent",
+    code = cli.main(["curves", *BASE, "--widths", "8,32", "--loss", "xent",
                      "--optimizer", "momentum", "--lr-fraction", "0.2", "--out", str(out)])
   assert code == 0
   rows = _read_csv(out / "sweep.csv")
@@ -108,7 +111,7 @@ def test_sweep_interrupted_in_its_second_run_keeps_the_first(tmp_path, monkeypat
     real(*args, **kwargs)
 
   monkeypatch.setattr(recipe, "_save_plot", plot_then_interrupt)
-  assert cli.main(["curves", *TINY, "--steps", "5", "--widths", "8,16",
+  assert cli.main(["curves", *BASE, "--steps", "5", "--widths", "8,16",
                    "--out", str(out)]) == 130
   assert _strict_json(out / "width8_seed0" / "metrics.json")["status"] == "complete"
   second = _strict_json(out / "width16_seed0" / "metrics.json")
@@ -150,6 +153,10 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys):
     recipe.build_model("mlpp", 8, 1, 10, "ntk")
   with pytest.raises(SystemExit, match="--momentum needs --optimizer momentum"):
     cli.main(["curves", "--momentum", "0.5", "--out", str(tmp_path / "c")])
+  with pytest.raises(SystemExit, match="give --width .* or --widths .*, not both"):
+    cli.main(["curves", "--width", "16", "--widths", "8,32", "--out", str(tmp_path / "c")])
+  with pytest.raises(SystemExit, match="give --seed .* or --seeds .*, not both"):
+    cli.main(["curves", "--seed", "3", "--seeds", "0,1", "--out", str(tmp_path / "c")])
   with pytest.raises(SystemExit, match="--widths: must be comma-separated integers"):
     cli.main(["curves", "--widths", "8,x", "--out", str(tmp_path / "d")])
   with pytest.raises(SystemExit) as e:
@@ -166,3 +173,74 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys):
     assert err.count("\n") == 1, err  # one line
   assert not (tmp_path / "a").exists()  # nothing written before the inputs are valid
   assert not (tmp_path / "e").exists()
+
+
+def test_resume_keeps_completed_runs_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
+  """Ctrl-C in a sweep's second run, then the same command with --resume: the first run is
+  kept (not recomputed, its sweep.csv row unchanged) and only the second is redone. Before,
+  rerunning the command recomputed everything, and the printed advice (rerun with the widths
+  left) overwrote sweep.csv with those runs only."""
+  out = tmp_path / "sweep"
+  argv = ["curves", *BASE, "--steps", "3", "--log-points", "2", "--widths", "8,16",
+          "--out", str(out)]
+  real, started = recipe._one_run, []
+
+  def second_run_interrupted(args, data, width, *rest, **kwargs):
+    started.append(width)
+    if len(started) == 2:
+      raise KeyboardInterrupt
+    return real(args, data, width, *rest, **kwargs)
+
+  def redo(args, data, width, seed, sub, progress, fingerprint):
+    """Stands for a real run (test_sweep_* run those): width 8's metrics, relabelled."""
+    started.append(width)
+    m = runs.read_json(out / "width8_seed0" / "metrics.json")
+    m.update(width=width, settings_fingerprint=fingerprint)
+    runs.atomic_write_json(sub / "metrics.json", m)
+    for name in ("curves.csv", "plot.png"):
+      runs.atomic_write_bytes(sub / name, (out / "width8_seed0" / name).read_bytes())
+    return None, m
+
+  monkeypatch.setattr(recipe, "_one_run", second_run_interrupted)
+  assert cli.main(argv) == 130
+  assert "with --resume" in capsys.readouterr().err
+  first_row = _read_csv(out / "sweep.csv")[1]
+  monkeypatch.setattr(recipe, "_one_run", redo)
+  assert cli.main(argv + ["--resume"]) == 0
+  assert started == [8, 16, 16]  # width 8 kept
+  rows = _read_csv(out / "sweep.csv")
+  assert rows[1] == first_row and [r[0] for r in rows[1:]] == ["8", "16"]
+  assert "width 8, seed 0: completed" in capsys.readouterr().out
+
+  # A run that completed with other settings (its fingerprint) is redone, not mixed in.
+  path = out / "width8_seed0" / "metrics.json"
+  runs.atomic_write_json(path, dict(runs.read_json(path), settings_fingerprint="other"))
+  started.clear()
+  assert cli.main(argv + ["--resume"]) == 0 and started == [8]
+
+  # Other settings for the folder are refused before anything runs.
+  started.clear()
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv + ["--resume", "--lr-fraction", "0.3"])
+  assert e.value.code == 2 and not started
+  assert ("--resume: " + str(out) + " holds runs with other settings (--lr-fraction None -> "
+          "0.3)") in capsys.readouterr().err
+
+
+def test_plots_of_diverged_runs_are_drawn(tmp_path):
+  """A run whose losses are all NaN after step 0 (`--lr 1e300`), or a sweep whose figures are
+  all NaN (`--widths 8 --lr-fraction 3`), has nothing to draw on a log axis: matplotlib raised
+  "Data cannot be log-scaled", which ended the command as a user error after the run was done
+  and stopped a sweep at its first diverged run."""
+  nan = math.nan
+  steps = np.array([0, 1, 2])
+  predicted = types.SimpleNamespace(steps=steps, train_loss=np.full(3, nan),
+                                    test_loss=np.full(3, nan), train_accuracy=np.zeros(3),
+                                    test_accuracy=np.zeros(3))
+  actual = types.SimpleNamespace(steps=steps, train_loss=np.array([0.1, nan, nan]),
+                                 test_loss=np.array([0.2, nan, nan]),
+                                 train_accuracy=np.zeros(3), test_accuracy=np.zeros(3))
+  recipe._save_plot(tmp_path / "plot.png", predicted, actual, "diverged")
+  row = dict.fromkeys(recipe.SWEEP_COLUMNS, nan) | {"width": 8, "seed": 0}
+  recipe._save_sweep_plot(tmp_path / "sweep.png", [row], "diverged")
+  assert (tmp_path / "plot.png").stat().st_size > 0 and (tmp_path / "sweep.png").stat().st_size > 0

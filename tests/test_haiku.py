@@ -421,3 +421,34 @@ def test_haiku_bf16_params_with_f32_p():
     got = fn(p32, x)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ ntk_dynamics.models
+
+
+def test_models_refuse_sizes_and_inputs_they_cannot_use():
+  """Before: a zero width built a network with constant outputs, `widths="64"` one layer per
+  character, and uint8 pixels or flat inputs to a CNN failed deep inside JAX ("dtype argument
+  to `normal` must be a float", "convolution requires lhs and rhs ndim to be equal")."""
+  from ntk_dynamics import models
+  for make, message in (
+      (lambda: models.mlp([16, 0], 3), r"`widths` must be a sequence of positive ints, got "
+                                       r"\[16, 0\]"),
+      (lambda: models.mlp("64", 3), "`widths` must be a sequence of positive ints, got '64'"),
+      (lambda: models.mlp([8], 0), "`num_outputs` must be a positive int, got 0"),
+      (lambda: models.cnn([4, -1], 3), "`channels` must be a sequence of positive ints"),
+      (lambda: models.resnet(0, 1, 3), "`channels` must be a positive int, got 0"),
+      (lambda: models.resnet(4, -1, 3), "`num_blocks` must be an int >= 0, got -1")):
+    with pytest.raises(ValueError, match=message):
+      make()
+  images = np.ones((2, 4, 4, 1), np.uint8)
+  with pytest.raises(TypeError, match=r"mlp: the input `x` has dtype uint8; a floating-point "
+                                      r"input is expected .* / 255"):
+    models.mlp([8], 3).init(jax.random.PRNGKey(0), images)
+  for model in (models.cnn([4], 3), models.resnet(4, 1, 3)):
+    with pytest.raises(ValueError, match=r"the input `x` has shape \(2, 16\); NHWC images"):
+      model.init(jax.random.PRNGKey(0), images.reshape(2, 16).astype(np.float32))
+  # What they accept still builds: no hidden layers, no residual blocks, numpy ints.
+  x = images.astype(np.float32)
+  for model in (models.mlp([], 3), models.resnet(4, 0, 3), models.cnn([np.int64(2)], 3)):
+    assert model.apply(model.init(jax.random.PRNGKey(0), x), x).shape == (2, 3)

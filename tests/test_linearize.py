@@ -132,9 +132,28 @@ def test_ntk_of_linearized_model_is_ntk_at_params(name):
 def test_linearize_params_mismatch():
   e = ZOO["mlp"]
   f_lin = linearize(e.f, e.params)
-  with pytest.raises(ValueError, match=r"(?s)`p` has pytree structure"):
+  with pytest.raises(ValueError, match=r"`p` does not have the pytree structure of `params`, "
+                                      r"the expansion point: it lacks \['b1'\] \(got"):
     f_lin({k: v for k, v in e.params.items() if k != "b1"}, e.x1)
   with pytest.raises(ValueError, match=r"(?s)`p` leaf \['b1'\] has shape \(2,\)"):
     f_lin(dict(e.params, b1=np.zeros(2)), e.x1)
   with pytest.raises(ValueError, match=r"(?s)`p` leaf \['b1'\]"):
     taylor_expand(e.f, e.params, 2)(dict(e.params, b1=np.zeros(2)), e.x1)
+
+
+def test_structure_mismatch_names_the_differing_leaves():
+  """The error leads with the leaf paths `p` lacks or adds: before, it showed only both full
+  structures (thousands of characters for a deep model) that differ in one key."""
+  params = {f"layer_{i}": {"b": jnp.zeros(2), "w": jnp.ones((2, 2))} for i in range(40)}
+  f = lambda q, x: sum(x @ v["w"] + v["b"] for v in q.values())
+  x = jnp.ones((3, 2))
+  renamed = dict(params, layer_7={"W": params["layer_7"]["w"], "b": params["layer_7"]["b"]})
+  dropped = {k: v for k, v in params.items() if k != "layer_3"}
+  for fn in (linearize(f, params), taylor_expand(f, params, 2)):
+    with pytest.raises(ValueError, match=r"it lacks \['layer_7'\]\['w'\]; it has "
+                                         r"\['layer_7'\]\['W'\], which `params` lacks \(got"):
+      fn(renamed, x)
+    with pytest.raises(ValueError, match=r"it lacks \['layer_3'\]\['b'\], "
+                                         r"\['layer_3'\]\['w'\] \(got") as e:
+      fn(dropped, x)
+    assert len(str(e.value)) < 1200

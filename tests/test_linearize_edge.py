@@ -290,7 +290,9 @@ def test_shape_mismatch_names_the_leaf():
     with pytest.raises(ValueError, match=r"`p` leaf \['layer'\]\[1\] has shape \(2, 4\), "
                                          r"expected \(4, 2\)"):
       fn({"layer": (jnp.ones((5, 4)), jnp.ones((2, 4)))}, X)
-    with pytest.raises(ValueError, match=r"`p` has pytree structure"):
+    with pytest.raises(ValueError, match=r"`p` does not have the pytree structure of "
+                                         r"`params`, the expansion point: it has the same leaf "
+                                         r"paths in other containers"):
       fn({"layer": [jnp.ones((5, 4)), jnp.ones((4, 2))]}, X)
 
 

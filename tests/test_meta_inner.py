@@ -318,6 +318,42 @@ def test_bad_inner_loop_arguments():
     meta.ntk_steps(f, query_kernel="dense")
 
 
+def _linear(p, x):
+  return x @ p["w"] + p["b"]
+
+
+@pytest.mark.parametrize("name", meta.INNER_LOOPS)
+def test_empty_support_sets_are_refused_under_jit_too(name):
+  """With no support example the gradient of the support loss is 0: MAML and ANIL returned
+  the unadapted model's outputs as if they had adapted."""
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  kw = {"head": "b"} if name == "anil" else {}
+  inner = meta.make_inner_loop(name, _linear, inner_steps=1, inner_lr=0.1, **kw)
+  empty = (jnp.zeros((0, 3)), jnp.zeros((0,), jnp.int32))
+  for adapt in (inner.adapt, jax.jit(inner.adapt)):
+    with pytest.raises(ValueError, match=rf"{name}: the support set holds no examples "
+                                         r"\(support x of shape \(0, 3\)\)"):
+      adapt(params, empty, jnp.ones((2, 3)))
+
+
+@pytest.mark.parametrize("name", meta.CLOSED_FORMS)
+def test_closed_forms_name_support_and_query_shapes_that_cannot_share_a_pass(name):
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  support = (jnp.ones((4, 3)), jnp.array([0, 1, 0, 1]))
+  with pytest.raises(ValueError, match=rf"{name}: support x \(4, 3\) and query_x \(5, 4\) "
+                                       r"must hold examples of one shape \(3,\)"):
+    meta.make_inner_loop(name, _linear).adapt(params, support, jnp.ones((5, 4)))
+
+
+def test_closed_forms_record_vmap_axes_off_the_default():
+  """`vmap_axes=None` changes the closed forms' math for a model that mixes examples, so the
+  checkpoint fingerprint (built from `config`) must see it; the default stays unrecorded so
+  that existing checkpoints keep resuming."""
+  for name in meta.CLOSED_FORMS:
+    assert "vmap_axes" not in meta.make_inner_loop(name, _linear).config
+    assert meta.make_inner_loop(name, _linear, vmap_axes=None).config["vmap_axes"] is None
+
+
 def _torso_head(x):
   # Keys "head" < "torso": sorted (as jit and optax leave them), the head comes first.
   h = jnp.tanh(hk.Linear(8, name="torso")(x))

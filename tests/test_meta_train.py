@@ -397,6 +397,45 @@ def test_check_task_batch_rejects_bad_batches():
     meta.check_task_batch(dict(batch, support=(xs[:, :2], ys)), 3)
 
 
+def test_check_task_batch_rejects_empty_batches_and_sets():
+  """An empty support set adapts nothing and an empty query set has a NaN loss: regression
+  batches with them passed the check, classification ones failed inside numpy's max."""
+  _, batch = _classification_batch()
+  sine = tasks.SinusoidSampler(3).sample(0, 2)
+  for b in (batch, sine):
+    (xs, ys), (xq, yq) = b["support"], b["query"]
+    for support, query in (((xs[:, :0], ys[:, :0]), (xq, yq)),
+                           ((xs, ys), (xq[:, :0], yq[:, :0])),
+                           ((xs[:0], ys[:0]), (xq[:0], yq[:0]))):
+      with pytest.raises(ValueError, match=r"task batch with no tasks or an empty set: "
+                                           rf"support x {re.escape(str(support[0].shape))}"):
+        meta.check_task_batch(dict(b, support=support, query=query))
+
+
+def test_resume_without_an_out_dir_is_refused():
+  """resume=True without out_dir silently started a fresh run."""
+  with pytest.raises(ValueError, match="resume=True needs out_dir"):
+    _train(None, 2, resume=True)
+
+
+def test_resume_refuses_another_vmap_axes(tmp_path):
+  """vmap_axes=None (a model that mixes examples) and the default 0 are different closed
+  forms: a checkpoint of one was resumed with the other."""
+  _, params, train, evaluation = _setup()
+  f = nd.from_haiku(models.mlp([8], 1, activation="tanh", w_std=0.8))
+
+  def run(**kw):
+    return meta.meta_train(meta.ntk_flow(f, **kw), params, train, evaluation, _config(0),
+                           out_dir=tmp_path, resume=True, progress=False)
+
+  run()
+  # A setting one checkpoint does not record is named as such, not as "null -> null".
+  with pytest.raises(ValueError, match=r"different settings \(inner_config.vmap_axes "
+                                       r"\(not recorded\) -> null\); use another --out"):
+    run(vmap_axes=None)
+  assert run().step == 0  # the same settings still resume
+
+
 def test_meta_train_refuses_one_class_support_sets():
   sampler, _ = _classification_batch()
 
@@ -441,6 +480,17 @@ def test_mean_ci95_and_config_validation():
   for kw in ({"checkpoint_every": True}, {"meta_steps": 10.0}, {"eval_every": np.array([2])}):
     with pytest.raises(ValueError, match=f"MetaConfig: `{next(iter(kw))}` must be"):
       meta.MetaConfig(**kw)
+
+
+def test_seeds_outside_32_bits_are_refused(capsys):
+  """Without jax_enable_x64, jax.random.key(2**32) is jax.random.key(0) and key(-1) is
+  key(2**32 - 1): those runs replayed others' tasks; past 2**63 the key overflowed."""
+  assert meta.MetaConfig(seed=2 ** 32 - 1).seed == 2 ** 32 - 1
+  for seed in (2 ** 32, 2 ** 63, -1):
+    with pytest.raises(ValueError, match="MetaConfig: `seed` must be"):
+      meta.MetaConfig(seed=seed)
+  for text in ("4294967296", "-1"):
+    assert "argument --seed: must be an integer" in usage_error(["meta", "--seed", text], capsys)
 
 
 def test_profile_meta_step_checks_repeats():
@@ -573,6 +623,18 @@ def test_recipe_refuses_nonsense_values(capsys):
       (["--task", "digits", "--n-way", "1"], "--n-way must be at least 2"),
   ):
     assert expected in usage_error(["meta", *argv], capsys)
+
+
+def test_recipe_profile_lists_are_checked_by_the_parser(capsys):
+  """--profile-steps 1,x ended in "invalid literal for int()" without naming the flag, after
+  loading the data; an empty --profile-inner profiled nothing and wrote an empty table."""
+  for argv, expected in (
+      (["--profile-steps", "1,x"], "argument --profile-steps: must be comma-separated integers"),
+      (["--profile-steps", "-1"], "argument --profile-steps: values must be >= 0"),
+      (["--profile-inner", ""], "argument --profile-inner: must list inner loops of maml"),
+      (["--profile-inner", "maml,reptile"], "argument --profile-inner: must list inner loops"),
+  ):
+    assert expected in usage_error(["meta", "--profile", *argv], capsys)
 
 
 def test_recipe_selects_on_validation_digits_and_reports_both(tmp_path, capsys):

@@ -5,7 +5,8 @@ Every kernel must match `tests.zoo.reference_ntk`-style references to a relative
 to reach each structure rule: strided/dilated/padded/grouped/depthwise/batch-grouped and
 transposed convolutions, weight sharing, calls inside jit / custom_jvp / custom_vjp /
 checkpoint, embedding lookups (all gather modes, tied embeddings), parameters returned as
-outputs, concatenate/pad/reshape of parameters, and a primitive without a rule (scan).
+outputs, concatenate/pad/reshape of parameters, scans over parameters (unrolled, and
+the dense fallback for those that are not).
 """
 from __future__ import annotations
 
@@ -444,24 +445,120 @@ def test_embedding_modes_and_tied_weights(mode):
   check(f, params, x1, None, (-1,), (0,), None)
 
 
-def test_gather_without_embedding_pattern_and_scan_fallback():
+def test_gather_without_embedding_pattern():
   params = {"w": _normal(3, 3, scale=0.5), "t": _normal(4, 3)}
 
   def f(p, x):
-    def step(h, _):
-      h = jnp.tanh(h @ p["w"])
-      return h, h
-    h, hs = lax.scan(step, x, None, length=3)
+    h = jnp.tanh(x @ p["w"])
     pts = p["t"][jnp.array([1, 3, 3]), jnp.array([0, 2, 2])]     # 2-d point lookups
     rows = p["t"][jnp.array([1, 3]), 1:]                          # partial-row gather
     return (h + p["t"][jnp.array([1, 3])].sum(0) + pts.sum() * h + rows.sum()
             + lax.dynamic_slice(p["t"], (1, 1), (2, 2)).sum(0).sum())
 
   x1, x2 = _normal(2, 3), _normal(3, 3)
-  with pytest.warns(UserWarning, match="'scan'") as record:
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
     got = sd(f, params, x1, x2, (), (), 0)
-  assert sum("STRUCTURED_DERIVATIVES" in str(w.message) for w in record) == 1
   zoo.assert_close(got, reference(f, params, x1, x2, (), ()), TOL)
+
+
+def _scan_rnn_params():
+  return {"w": _normal(3, 3, scale=0.5), "u": _normal(3, 3, scale=0.5), "b": _normal(3),
+          "layers": _normal(4, 3, 3, scale=0.4), "out": _normal(3, 2)}
+
+
+def _scan_rnn(p, x):
+  """Parameters enter scans as constants (a recurrence, forwards and reversed), as scanned
+  inputs (a stack of layers) and outside them (`u` is also used after the loops)."""
+  def step(h, x_t):
+    h = jnp.tanh(h @ p["w"] + x_t @ p["u"] + p["b"])
+    return h, h * x_t
+  seq = jnp.stack([x, jnp.sin(x), x * x])               # (time, features)
+  h, ys = lax.scan(step, jnp.zeros_like(x), seq)
+  g, _ = lax.scan(step, h, ys, reverse=True)
+
+  def layer(z, w):
+    return jnp.tanh(z @ w), None
+  z, _ = lax.scan(layer, g, p["layers"])
+  return (z + ys.sum(0) @ p["u"]) @ p["out"]
+
+
+@pytest.mark.parametrize("trace_axes,diagonal_axes,vmap_axes,symmetric", SPREAD)
+def test_scan_structured(trace_axes, diagonal_axes, vmap_axes, symmetric):
+  """Scans over parameters get structured uses, no dense fallback: loops over constant
+  weights stay loops, a scan over stacked layer weights is unrolled."""
+  params = _scan_rnn_params()
+  x1, x2 = _normal(2, 3), (None if symmetric else _normal(3 if not diagonal_axes else 2, 3))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = sd(lambda p, x: jax.vmap(_scan_rnn, (None, 0))(p, x), params, x1, x2,
+             trace_axes, diagonal_axes, vmap_axes)
+  zoo.assert_close(got, reference(lambda p, x: jax.vmap(_scan_rnn, (None, 0))(p, x), params,
+                                  x1, x2, trace_axes, diagonal_axes), TOL)
+  leaves = jax.tree.leaves(params)
+  prep = structured_core._prepare(
+      _scan_rnn, leaves, jax.tree.structure(params), x1[0], {}, None,
+      jax.eval_shape(_scan_rnn, params, x1[0]))
+  assert not prep.fallbacks
+  assert all(s.primitive != "scan" for s in prep.sites)
+
+
+def test_long_recurrence_stays_a_loop():
+  """A recurrence far beyond the unroll budget is structured all the same: its body's sites
+  are stacked along the steps, so their number does not grow with the length."""
+  params = {"w": _normal(3, 3, scale=0.5), "u": _normal(2, 3), "out": _normal(3, 2)}
+
+  def f(p, x):                       # x: (N, T, 2)
+    def step(h, x_t):
+      h = jnp.tanh(h @ p["w"] + x_t @ p["u"])
+      return h, h.sum(-1)
+    h, ys = lax.scan(step, jnp.zeros((x.shape[0], 3)), jnp.swapaxes(x, 0, 1))
+    return h @ p["out"] + ys.mean(0)[:, None]
+
+  from ntk_dynamics.kernels.structured import interpreter
+  counts = []
+  for length in (60, 300):
+    assert length * 5 > interpreter.SCAN_UNROLL_EQUATIONS
+    x1, x2 = _normal(2, length, 2, scale=0.3), _normal(3, length, 2, scale=0.3)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      got = sd(f, params, x1, x2, (), (), 0)
+    zoo.assert_close(got, reference(f, params, x1, x2, (), ()), TOL)
+    leaves = jax.tree.leaves(params)
+    prep = structured_core._prepare(f, leaves, jax.tree.structure(params), x1, {}, None,
+                                    jax.eval_shape(f, params, x1))
+    assert not prep.fallbacks
+    counts.append(len(prep.sites))
+  assert counts[0] == counts[1]
+
+
+def test_scan_fallbacks(monkeypatch):
+  """Scans the walk does not unroll are sites of their own: exact, with one warning."""
+  params = _scan_rnn_params()
+  x1, x2 = _normal(2, 3), _normal(3, 3)
+
+  def learned_initial_state(p, x):   # a chain in the carry
+    h, _ = lax.scan(lambda h, x_t: (jnp.tanh(h @ p["w"] + x_t), None), p["b"],
+                    jnp.stack([x, x * x]))
+    return h @ p["out"]
+
+  def parameter_as_output(p, x):     # a chain among the per-step outputs
+    h, ws = lax.scan(lambda h, x_t: (jnp.tanh(h @ p["w"] + x_t), p["u"]), x,
+                     jnp.stack([x, x * x]))
+    return (h @ ws.sum(0)) @ p["out"]
+
+  def check_fallback(f):
+    batched = lambda p, x: jax.vmap(f, (None, 0))(p, x)
+    with pytest.warns(UserWarning, match="'scan'") as record:
+      got = sd(batched, params, x1, x2, (), (), 0)
+    assert sum("STRUCTURED_DERIVATIVES" in str(w.message) for w in record) == 1
+    zoo.assert_close(got, reference(batched, params, x1, x2, (), ()), TOL)
+
+  check_fallback(learned_initial_state)
+  check_fallback(parameter_as_output)
+  from ntk_dynamics.kernels.structured import interpreter
+  monkeypatch.setattr(interpreter, "SCAN_UNROLL_EQUATIONS", 1)   # too long to unroll
+  check_fallback(_scan_rnn)
 
 
 def test_no_warning_for_ruled_primitives():

@@ -396,3 +396,15 @@ def test_omniglot_sampler(omniglot_sources):
 def test_omniglot_bad_split_rule():
   with pytest.raises(ValueError, match="one of .'vinyals'"):
     load_few_shot_source("tfds:omniglot", class_splits="lake")
+
+
+def test_non_finite_images_are_refused(images):
+  """A NaN image would reach every task that draws it, and training only stops later with a
+  non-finite loss."""
+  x, y = images
+  x = x.astype(np.float32)
+  x[7, 2, 3, 1] = np.nan
+  x[9, 0, 0, 0] = np.inf
+  with pytest.raises(ValueError, match=r"`x` holds non-finite values .* in 2 of its 40 "
+                                       r"images, e.g. images \[7, 9\]"):
+    FewShotSampler(x, y, n_way=2, k_shot=1, k_query=1)

@@ -100,6 +100,9 @@ def test_fixed_pool_only_yields_pool_tasks():
     ({"x_range": (0.0, float("inf"))}, "x_range"),
     ({"num_tasks": 0}, "num_tasks"),
     ({"num_tasks": 3, "pool_seed": -1}, "pool_seed"),
+    # A key drew the pool but `describe` could not record it: a TypeError from int().
+    ({"num_tasks": 3, "pool_seed": jax.random.key(0)}, "`pool_seed` must be a non-negative int"),
+    ({"num_tasks": 3, "pool_seed": jax.random.PRNGKey(0)}, "`pool_seed` must be a non-negat"),
 ])
 def test_bad_constructor_arguments_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):

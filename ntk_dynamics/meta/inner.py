@@ -97,6 +97,16 @@ def _check_steps_lr(fn: str, inner_steps: int, inner_lr: float) -> tuple[int, fl
   return inner_steps, lr
 
 
+def _check_support(fn: str, x: Any) -> None:
+  """Raises for a support set without examples (checked on shapes, so under `jit` too): a
+  gradient step on a mean over no examples is a step of 0, so the "adapted" model would
+  silently be the unadapted one."""
+  if any(jnp.ndim(leaf) and jnp.shape(leaf)[0] == 0 for leaf in jax.tree.leaves(x)):
+    raise ValueError(f"{fn}: the support set holds no examples (support x of shape "
+                     f"{jax.tree.map(jnp.shape, x)}); a task needs at least one support "
+                     "example to adapt to.")
+
+
 def _inner_loss(loss: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """`"auto"`: cross-entropy for integer labels, MSE for float targets."""
   if loss == "auto":
@@ -146,6 +156,7 @@ def maml(f: ApplyFn, *, inner_steps: int = 1, inner_lr: float = 0.01,
 
   def adapt(params, support, query_x):
     x, y = support
+    _check_support("maml", x)
     adapted = _descend(lambda p: loss_fn(f(p, x), y), params, opt, inner_steps, first_order)
     return f(adapted, query_x)
 
@@ -281,6 +292,7 @@ def anil(f: ApplyFn, *, inner_steps: int = 1, inner_lr: float = 0.01,
 
   def adapt(params, support, query_x):
     x, y = support
+    _check_support("anil", x)
     names = head_of(params, x)
     body = {k: v for k, v in params.items() if k not in names}
     start = {k: params[k] for k in names}
@@ -325,7 +337,12 @@ def _closed_form_loop(name: str, f: ApplyFn, *, inner_steps: int, inner_lr: floa
 
   def adapt(params, support, query_x):
     x, y = support
+    _check_support(name, x)
     n = x.shape[0]
+    if joint and jnp.shape(query_x)[1:] != x.shape[1:]:
+      raise ValueError(f"{name}: support x {x.shape} and query_x {jnp.shape(query_x)} must hold "
+                       f"examples of one shape {x.shape[1:]} to be evaluated in one pass; pass "
+                       "vmap_axes=None for a model that takes the two sets apart.")
     if joint:   # one pass over support ∪ query: only when outputs are per example
       x_all = jnp.concatenate([x, jnp.asarray(query_x, x.dtype)], axis=0)
       out_all = f(params, x_all)
@@ -355,6 +372,12 @@ def _closed_form_loop(name: str, f: ApplyFn, *, inner_steps: int, inner_lr: floa
   config = {"inner_steps": inner_steps, "inner_lr": inner_lr, "ridge": ridge,
             "trace_axes": list(trace), "implementation": NtkImplementation(implementation).name,
             "query_kernel": "explicit" if explicit else "products", "loss": "mse"}
+  if vmap_axes != 0:
+    # It decides the math for a model whose outputs mix examples, so checkpoints must tell it
+    # apart; recorded only off the default, so that checkpoints written before it was recorded
+    # (all with the default) still resume. JSON holds ints and None; other specs by their repr.
+    config["vmap_axes"] = (vmap_axes if vmap_axes is None or isinstance(vmap_axes, int)
+                           else repr(vmap_axes))
   if name == "ntk_ridge":
     config.pop("inner_steps")
     config.pop("inner_lr")

@@ -63,7 +63,7 @@ class MetaConfig:
     checkpoint_every: steps between checkpoints (None: `eval_every`); one is always written
       at the end (also of a run of 0 meta-steps).
     log_every: steps averaged into one point of the training-loss curve.
-    seed: seed of the task stream (the meta-parameter init is the caller's).
+    seed: seed of the task stream, in [0, 2**32) (the meta-parameter init is the caller's).
     loss: outer (query) loss, "mse" or "xent"; None: `losses.default_loss` of the inner loop.
 
   Counts and the seed take any integral scalar (Python, numpy or JAX integers; not bools) and
@@ -83,12 +83,17 @@ class MetaConfig:
     # Stored as Python ints: the settings go into the checkpoint's JSON fingerprint, where
     # np.int64(10) must mean what 10 means.
     minimums = {"meta_steps": 0, "meta_batch": 1, "eval_every": 1, "eval_tasks": 1,
-                "eval_batch": 1, "log_every": 1, "seed": -2 ** 63}
+                "eval_batch": 1, "log_every": 1, "seed": 0}
     if self.checkpoint_every is not None:
       minimums["checkpoint_every"] = 1
     for name, minimum in minimums.items():
       object.__setattr__(self, name, check_int("MetaConfig", name, getattr(self, name),
                                                minimum=minimum))
+    if self.seed >= 2 ** 32:
+      # `jax.random.key` keeps only a seed's low 32 bits unless jax_enable_x64 is on (and
+      # overflows past 2**63): a larger seed would replay a smaller one's tasks, or give
+      # other tasks with that flag flipped. Negative seeds are refused for the same reason.
+      raise ValueError(f"MetaConfig: `seed` must be in [0, 2**32), got {self.seed}.")
     if self.loss is not None:
       losses.get_loss(self.loss)
 
@@ -154,11 +159,12 @@ def check_task_batch(batch: dict, num_outputs: Optional[int] = None) -> bool:
     num_outputs: the model's number of outputs K (see `model_outputs`); None: the labels' own
       range, which checks nothing against the model.
 
-  Raises ValueError (naming the task) for missing parts, mismatched shapes, non-finite inputs
-  or targets, integer labels outside [0, num_outputs) (N-way tasks on a model with fewer than
-  N outputs), N-way tasks on a model with more than N outputs, and support sets of a
-  classification task that do not hold every class 0..num_outputs−1 (e.g. a support set
-  with one class: N-way tasks need examples of each of their N classes).
+  Raises ValueError (naming the task) for missing parts, mismatched shapes, empty batches or
+  support or query sets, non-finite inputs or targets, integer labels outside [0, num_outputs)
+  (N-way tasks on a model with fewer than N outputs), N-way tasks on a model with more than N
+  outputs, and support sets of a classification task that do not hold every class
+  0..num_outputs−1 (e.g. a support set with one class: N-way tasks need examples of each of
+  their N classes).
   """
   for part in ("support", "query"):
     if part not in batch or len(batch[part]) != 2:
@@ -171,6 +177,12 @@ def check_task_batch(batch: dict, num_outputs: Optional[int] = None) -> bool:
   if xs.shape[0] != xq.shape[0] or xs.shape[2:] != xq.shape[2:]:
     raise ValueError(f"support x {xs.shape} and query x {xq.shape} must share the meta-batch "
                      "and feature shapes.")
+  if 0 in xs.shape[:2] or xq.shape[1] == 0:
+    # An empty support set adapts nothing (a mean over no examples has gradient 0) and an
+    # empty query set has a NaN loss: neither is a task.
+    raise ValueError(f"task batch with no tasks or an empty set: support x {xs.shape}, query x "
+                     f"{xq.shape}; a batch needs at least one task, each with at least one "
+                     "support and one query example.")
   for name, a in (("support x", xs), ("query x", xq), ("support y", ys), ("query y", yq)):
     if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
       bad = np.flatnonzero(~np.all(np.isfinite(a.reshape(a.shape[0], -1)), axis=1))
@@ -325,16 +337,21 @@ def _fingerprint(settings: dict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_ABSENT = object()  # a setting one side does not record (not the same as a recorded null)
+
+
 def _differences(old: Any, new: Any, path: str = "", limit: int = 3) -> list[str]:
   """Up to `limit` "path old -> new" texts where two settings (JSON values) differ."""
   if isinstance(old, dict) and isinstance(new, dict):
     found = []
     for k in sorted(set(old) | set(new)):
-      found += _differences(old.get(k), new.get(k), f"{path}.{k}" if path else str(k), limit)
+      found += _differences(old.get(k, _ABSENT), new.get(k, _ABSENT),
+                            f"{path}.{k}" if path else str(k), limit)
     return found[:limit]
-  if old == new:
+  if old is not _ABSENT and new is not _ABSENT and old == new:
     return []
-  shorten = lambda v: (text if len(text := json.dumps(v)) <= 60 else text[:57] + "...")
+  shorten = lambda v: ("(not recorded)" if v is _ABSENT else
+                       text if len(text := json.dumps(v)) <= 60 else text[:57] + "...")
   return [f"{path} {shorten(old)} -> {shorten(new)}"]
 
 
@@ -396,8 +413,9 @@ def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_s
       is all that tells two optimizers apart. None: "adam(1e-3)" for the default optimizer;
       with a `meta_optimizer`, "custom" (and a UserWarning when writing checkpoints).
     out_dir: folder for `checkpoint.npz` (None: no checkpoints).
-    resume: continue from `out_dir/checkpoint.npz` if it exists (its settings must match,
-      see the module docstring, and `config.meta_steps` must be at least its step).
+    resume: continue from `out_dir/checkpoint.npz` (needs `out_dir`) if it exists (its
+      settings must match, see the module docstring, and `config.meta_steps` must be at
+      least its step).
     progress: show a tqdm progress bar.
     on_step: called as `on_step(step, loss)` after each finite meta-step (e.g. to stop).
 
@@ -408,12 +426,15 @@ def meta_train(inner: InnerLoop, init_params: PyTree, train_sampler: Any, eval_s
 
   Raises:
     ValueError: for task labels outside the model's outputs (N-way tasks need a model with N
-      outputs); when resuming from a checkpoint written with other settings (naming them), or
-      one past `config.meta_steps`; `runs.CorruptCheckpointError` (a ValueError) for an
-      unreadable one.
+      outputs); for `resume` without `out_dir`; when resuming from a checkpoint written with
+      other settings (naming them), or one past `config.meta_steps`;
+      `runs.CorruptCheckpointError` (a ValueError) for an unreadable one.
     KeyboardInterrupt: re-raised on Ctrl-C with `.result`, the `MetaResult` so far (status
       "interrupted", the step reached, every completed evaluation, `checkpoint_step`).
   """
+  if resume and out_dir is None:
+    raise ValueError("meta_train: resume=True needs out_dir, the folder holding the checkpoint "
+                     "to continue from.")
   optimizer, optimizer_name = _meta_optimizer(meta_optimizer, optimizer_name,
                                               checkpoints=out_dir is not None)
   ckpt_every = config.checkpoint_every or config.eval_every

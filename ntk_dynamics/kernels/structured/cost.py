@@ -55,6 +55,30 @@ def jaxpr_macs(jaxpr) -> int:
   return sum(_eqn_macs(e) for e in jaxpr.eqns)
 
 
+def _dependent_outputs(jaxpr, dependent: list) -> list:
+  """Which outputs of `jaxpr` depend on the inputs flagged `dependent`."""
+  dep = {v for v, d in zip(jaxpr.invars, dependent) if d}
+  for eqn in jaxpr.eqns:
+    if any(not isinstance(v, jcore.Literal) and v in dep for v in eqn.invars):
+      dep.update(eqn.outvars)
+  return [not isinstance(v, jcore.Literal) and v in dep for v in jaxpr.outvars]
+
+
+def _scan_dependence(eqn, dependent: list) -> list:
+  """A scan body's dependent inputs at the fixed point of its carry: a recurrent state that
+  starts independent of the parameters (zeros) depends on them from the second step on."""
+  n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+  body = eqn.params["jaxpr"].jaxpr
+  dependent = list(dependent)
+  while True:
+    out = _dependent_outputs(body, dependent)
+    carry = dependent[n_consts:n_consts + n_carry]
+    grown = [c or o for c, o in zip(carry, out[:n_carry])]
+    if grown == carry:
+      return dependent
+    dependent[n_consts:n_consts + n_carry] = grown
+
+
 def backward_macs(jaxpr, dependent: list, chain: list) -> int:
   """Multiply-adds of propagating one cotangent from the outputs to every use of a
   parameter: only equations with a parameter-dependent input are visited, and only
@@ -72,8 +96,11 @@ def backward_macs(jaxpr, dependent: list, chain: list) -> int:
     inner = interp.inner_jaxpr(eqn)
     if inner is not None and len(eqn.invars) >= len(inner[0].invars):
       extra = len(eqn.invars) - len(inner[0].invars)
+      inner_dep = in_dep[extra:]
+      if eqn.primitive.name == "scan":
+        inner_dep = _scan_dependence(eqn, inner_dep)
       total += _trips(eqn) * backward_macs(
-          inner[0], in_dep[extra:], [not lit(v) and v in chains for v in eqn.invars][extra:])
+          inner[0], inner_dep, [not lit(v) and v in chains for v in eqn.invars][extra:])
       continue
     needs = sum(d and v not in chains for v, d in zip(eqn.invars, in_dep))
     if not needs:

@@ -12,7 +12,9 @@ y's derivative with respect to the leaf, and records the primal arrays the term 
 (inputs, patches, token ids, ...) as auxiliary outputs of that same forward pass.
 
 Calls (`jit`, `remat`) that receive a chain are inlined, so parameters used inside them are
-seen structurally. `custom_jvp_call` / `custom_vjp_call` are never inlined: their rule may
+seen structurally; so are `scan`s over parameters: a loop over constant weights (a
+recurrence) stays a loop whose sites are stacked along its steps, a short scan over stacked
+weights is unrolled. `custom_jvp_call` / `custom_vjp_call` are never inlined: their rule may
 differ from the derivative of their body (straight-through estimators), so a call that
 receives a chain is a site whose derivative comes from the call's own rule (the generic rule,
 through `jax.vjp`); calls that receive no chain are bound unchanged.
@@ -325,6 +327,15 @@ def walk(jaxpr, consts, invals, inchains, state: WalkState, top: bool = False):
             chain_of[v] = c
         continue
 
+    if name == "scan":
+      outs = _looped_scan(eqn, invals_e, chains_e, state)
+      if outs is None:
+        outs = _unrolled_scan(eqn, invals_e, chains_e, state)
+      if outs is not None:
+        for v, o in zip(eqn.outvars, outs):
+          env[v] = o
+        continue
+
     steps = _chain_steps(eqn, chains_e)
     if steps is not None:
       c = chains_e[0]
@@ -371,6 +382,123 @@ def walk(jaxpr, consts, invals, inchains, state: WalkState, top: bool = False):
         outvals[i] = state.rule_fn.identity(state, outvals[i], c)
     outchains = [None] * len(outchains)
   return outvals, outchains
+
+
+def _looped_scan(eqn, invals, chains, state: WalkState) -> Optional[list]:
+  """The outputs of a `scan` whose parameter chains are all constants of the loop (a
+  recurrence's weights), walked inside a scan of the same length; None when the loop cannot
+  be: a chain in the carry or the scanned inputs, a chain among the outputs, or a body use
+  without a structure rule.
+
+  Each site of the body becomes one site of the loop whose outputs (and deltas) are stacked
+  along a new leading step axis, and so do the arrays its terms record: a body term becomes a
+  term with one more label, the step, summed with the other unshared labels. A weight's
+  Jacobian is then Σ_t x_t ⊗ ct_t over all steps in one contraction, and the structured pair
+  of two sides sums all pairs of steps, while the loop stays a loop for XLA (compile time
+  independent of its length)."""
+  p = eqn.params
+  body, length = p["jaxpr"], int(p["length"])
+  n_consts, n_carry = p["num_consts"], p["num_carry"]
+  if length < 1 or any(c is not None for c in chains[n_consts:]):
+    return None
+  if any(static_chains(body.jaxpr, [c is not None for c in chains])[1]):
+    return None
+  consts, const_chains = list(invals[:n_consts]), list(chains[:n_consts])
+  init, xs = list(invals[n_consts:n_consts + n_carry]), list(invals[n_consts + n_carry:])
+  free = [None] * (n_carry + len(xs))
+
+  def step_walk(inner, carry, x_t):
+    return walk(body.jaxpr, list(body.consts), consts + list(carry) + list(x_t),
+                const_chains + free, inner)[0]
+
+  # The body's sites and terms, from shapes alone; both passes of the walk find the same.
+  probe = WalkState(state.leaf_avals, None, state.rule_fn)
+  jax.eval_shape(lambda carry, x_t: step_walk(probe, carry, x_t), [aval(c) for c in init],
+                 [jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)) for x in xs])
+  if probe.fallbacks or not all(t.einsum for t in probe.terms):
+    return None
+  sites = []
+  for site in probe.sites:
+    sites.append(Site(len(state.sites), site.primitive,
+                      [((length,) + tuple(sh), dt) for sh, dt in site.out_avals],
+                      site.out_positions))
+    state.sites.append(sites[-1])
+  deltas = None if state.deltas is None else [state.deltas[s.index] for s in sites]
+
+  def step(carry, inputs):
+    x_t, deltas_t = inputs
+    inner = WalkState(state.leaf_avals, deltas_t, state.rule_fn)
+    outs = step_walk(inner, carry, x_t)
+    return outs[:n_carry], (outs[n_carry:], inner.aux)
+
+  carry, (ys, aux) = lax.scan(step, init, (xs, deltas), length=length,
+                              reverse=p["reverse"], unroll=p["unroll"])
+  slots = [state.record(a) for a in aux]
+  for t in probe.terms:
+    labels = set(t.sizes) | set(t.ct_labels) | {l for f in t.factors
+                                                for l in f.labels + tuple(f.idx_labels)}
+    u = 1 + max(labels, default=-1)
+    state.terms.append(dataclasses.replace(
+        t, site=sites[t.site].index, ct_shape=(length,) + tuple(t.ct_shape),
+        ct_labels=(u,) + tuple(t.ct_labels), sizes={**t.sizes, u: length},
+        factors=tuple(dataclasses.replace(f, slot=slots[f.slot], labels=(u,) + tuple(f.labels))
+                      for f in t.factors)))
+  return list(carry) + list(ys)
+
+
+# A scan whose scanned inputs are parameters (a stack of layers) is walked one step at a time
+# (its body inlined `length` times) when the unrolled body has at most this many equations;
+# beyond it, or with a chain in the carry, the scan stays a site of its own, exact but dense.
+# Unrolled compile time grows faster than the length: a 64-unit hk.LSTM (15 body equations)
+# compiled in 3.3 s at 12 steps, 13 s at 24 and 50 s at 48 (2 CPU cores).
+SCAN_UNROLL_EQUATIONS = 256
+
+
+def _index_step(shape, dtype, i: int) -> tuple:
+  """Steps taking element i of axis 0 (a scanned-over parameter's slice at step i)."""
+  rest = tuple(shape[1:])
+  lo, hi = (i,) + (0,) * len(rest), (i + 1,) + rest
+  sliced = Step(lax.slice_p, (("limit_indices", hi), ("start_indices", lo), ("strides", None)),
+                tuple(shape), dtype, (1,) + rest, dtype)
+  squeezed = Step(lax.squeeze_p, (("dimensions", (0,)),), (1,) + rest, dtype, rest, dtype)
+  return sliced, squeezed
+
+
+def _unrolled_scan(eqn, invals, chains, state: WalkState) -> Optional[list]:
+  """The outputs of a `scan` that receives parameter chains, walked one step at a time, or
+  None when it is left to the dense rule: a chain in the carry (a learned initial state; it
+  may stay a chain from step to step), a chain among the per-step outputs, or a body too
+  long to unroll."""
+  p = eqn.params
+  body, length = p["jaxpr"], int(p["length"])
+  n_consts, n_carry = p["num_consts"], p["num_carry"]
+  if length * len(body.jaxpr.eqns) > SCAN_UNROLL_EQUATIONS or length < 1:
+    return None
+  if any(c is not None for c in chains[n_consts:n_consts + n_carry]):
+    return None
+  _, out_flags = static_chains(body.jaxpr, [c is not None for c in chains])
+  if any(out_flags):
+    return None
+  consts, carry = invals[:n_consts], list(invals[n_consts:n_consts + n_carry])
+  xs, x_chains = invals[n_consts + n_carry:], chains[n_consts + n_carry:]
+  const_chains = list(chains[:n_consts])
+  ys = [[None] * length for _ in body.jaxpr.outvars[n_carry:]]
+  for i in (reversed(range(length)) if p["reverse"] else range(length)):
+    x_i, c_i = [], []
+    for x, c in zip(xs, x_chains):
+      if c is None:
+        x_i.append(lax.index_in_dim(x, i, 0, keepdims=False))
+        c_i.append(None)
+      else:
+        steps = _index_step(np.shape(x), jnp.result_type(x), i)
+        x_i.append(replay(steps, x))
+        c_i.append(Chain(c.leaf, c.steps + steps))
+    outs, _ = walk(body.jaxpr, list(body.consts), list(consts) + carry + x_i,
+                   const_chains + [None] * n_carry + c_i, state)
+    carry = list(outs[:n_carry])
+    for slot, y in zip(ys, outs[n_carry:]):
+      slot[i] = y
+  return carry + [jnp.stack(slot) for slot in ys]
 
 
 @dataclasses.dataclass

@@ -412,6 +412,19 @@ def test_check_task_batch_rejects_empty_batches_and_sets():
         meta.check_task_batch(dict(b, support=support, query=query))
 
 
+def test_check_task_batch_refuses_bool_labels():
+  """Bool labels passed as 0/1 regression targets, silently trained with MSE."""
+  sine = tasks.SinusoidSampler(3).sample(0, 2)
+  (xs, ys), (xq, yq) = sine["support"], sine["query"]
+  for support, query, name in (((xs, ys > 0), (xq, yq > 0), "support y"),
+                               ((xs, ys), (xq, yq > 0), "query y")):
+    with pytest.raises(ValueError, match=f"{name} has dtype bool; labels must be integers"):
+      meta.check_task_batch(dict(sine, support=support, query=query))
+  from ntk_dynamics.meta import losses
+  with pytest.raises(ValueError, match="labels `y` have dtype bool"):
+    losses.check_labels("mse", jnp.zeros((3, 1)), jnp.array([True, False, True]))
+
+
 def test_resume_without_an_out_dir_is_refused():
   """resume=True without out_dir silently started a fresh run."""
   with pytest.raises(ValueError, match="resume=True needs out_dir"):

@@ -42,6 +42,9 @@ def check_labels(fn: str, outputs: jax.Array, y: jax.Array) -> None:
   if len(out_shape) < 1:
     raise ValueError(f"{fn}: `outputs` must be (n, K) model outputs, got shape {out_shape}.")
   k = out_shape[-1]
+  if not (is_classification(y) or jnp.issubdtype(jnp.result_type(y), jnp.floating)):
+    raise ValueError(f"{fn}: labels `y` have dtype {jnp.result_type(y)}; integers (classes) "
+                     "or floats (regression targets) are expected.")
   if is_classification(y):
     if y_shape != out_shape[:-1]:
       raise ValueError(f"{fn}: integer labels must have shape {out_shape[:-1]} (one class per "

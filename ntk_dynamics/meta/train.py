@@ -162,9 +162,9 @@ def check_task_batch(batch: dict, num_outputs: Optional[int] = None) -> bool:
   Raises ValueError (naming the task) for missing parts, mismatched shapes, empty batches or
   support or query sets, non-finite inputs or targets, integer labels outside [0, num_outputs)
   (N-way tasks on a model with fewer than N outputs), N-way tasks on a model with more than N
-  outputs, and support sets of a classification task that do not hold every class
-  0..num_outputs−1 (e.g. a support set with one class: N-way tasks need examples of each of
-  their N classes).
+  outputs, labels that are neither integers nor floats (bools), and support sets of a
+  classification task that do not hold every class 0..num_outputs−1 (e.g. a support set with
+  one class: N-way tasks need examples of each of their N classes).
   """
   for part in ("support", "query"):
     if part not in batch or len(batch[part]) != 2:
@@ -187,6 +187,11 @@ def check_task_batch(batch: dict, num_outputs: Optional[int] = None) -> bool:
     if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
       bad = np.flatnonzero(~np.all(np.isfinite(a.reshape(a.shape[0], -1)), axis=1))
       raise ValueError(f"{name} holds non-finite values (tasks {bad[:5].tolist()}).")
+  for name, a in (("support y", ys), ("query y", yq)):
+    if a.dtype.kind not in "iuf":
+      # A bool label would pass as a 0/1 regression target (with MSE) or fail later.
+      raise ValueError(f"{name} has dtype {a.dtype}; labels must be integers (classes) or "
+                       "floats (regression targets), e.g. y.astype(np.int32) for two classes.")
   classification = ys.dtype.kind in "iu"
   if classification != (yq.dtype.kind in "iu"):
     raise ValueError(f"support labels ({ys.dtype}) and query labels ({yq.dtype}) must both be "

@@ -3,8 +3,9 @@
 architectures chosen so that the three methods trade places: deep-narrow and wide MLPs, many
 outputs, strided and depthwise convolutions, recurrent networks (one weight used at every
 step: a Python loop, an LSTM under `scan` over 12 and 96 steps, a GRU with split gate
-weights), a large embedding table, a two-block transformer, a single large example, and a
-plain JAX function with a pytree of parameters. Writes AUTO_RESULTS.md.
+weights), a large embedding table, a two-block transformer, a stack of layers under
+`hk.layer_stack`, a single large example, and a plain JAX function with a pytree of
+parameters. Writes AUTO_RESULTS.md.
 
     .venv/bin/python benchmarks/bench_auto.py            # full sweep (quiet machine!)
     .venv/bin/python benchmarks/bench_auto.py --quick    # tiny shapes, a smoke test
@@ -204,6 +205,21 @@ def one_large_example(quick):
   return _haiku(net, (1, hw, hw, 3))
 
 
+def layer_stack(quick):           # hk.layer_stack: the weights stacked and scanned over
+  import haiku as hk
+  import jax
+  depth, width, n = (3, 8, 4) if quick else (24, 128, 32)
+
+  def net(x):
+    h = jax.nn.tanh(hk.Linear(width)(x))
+
+    @hk.layer_stack(depth)
+    def blocks(h):
+      return h + jax.nn.tanh(hk.Linear(width)(h)) / depth ** 0.5
+    return hk.Linear(10)(blocks(h))
+  return _haiku(net, (n, 32))
+
+
 def plain_jax_pytree(quick):
   """Not Haiku: a hand-written residual MLP with LayerNorm, a dict of parameters and a
   tuple of weights inside it."""
@@ -247,6 +263,8 @@ ZOO = {
     "transformer": ("2 pre-LN transformer blocks (width 64, 4 heads, MLP 128) on 16 tokens, "
                     "mean-pool, dense 10, N=16", transformer_2_blocks),
     "one_example": ("2x conv3x3 128ch on 32x32x3, GAP, dense 10, N=1", one_large_example),
+    "layer_stack": ("24 residual tanh layers of width 128 under hk.layer_stack (a scan over "
+                    "stacked weights), dense 10, N=32", layer_stack),
     "plain_jax": ("plain JAX residual MLP (48-256, 3 LayerNorm blocks, 10), dict/tuple "
                   "params, N=64", plain_jax_pytree),
 }

@@ -469,7 +469,8 @@ def _scan_rnn_params():
 
 def _scan_rnn(p, x):
   """Parameters enter scans as constants (a recurrence, forwards and reversed), as scanned
-  inputs (a stack of layers) and outside them (`u` is also used after the loops)."""
+  inputs (a stack of layers, directly and reshaped first: the latter is unrolled) and outside
+  them (`u` is also used after the loops)."""
   def step(h, x_t):
     h = jnp.tanh(h @ p["w"] + x_t @ p["u"] + p["b"])
     return h, h * x_t
@@ -480,6 +481,7 @@ def _scan_rnn(p, x):
   def layer(z, w):
     return jnp.tanh(z @ w), None
   z, _ = lax.scan(layer, g, p["layers"])
+  z, _ = lax.scan(lambda z, w: layer(z, w.reshape(3, 3)), z, p["layers"].reshape(4, 9))
   return (z + ys.sum(0) @ p["u"]) @ p["out"]
 
 
@@ -527,6 +529,32 @@ def test_long_recurrence_stays_a_loop():
     leaves = jax.tree.leaves(params)
     prep = structured_core._prepare(f, leaves, jax.tree.structure(params), x1, {}, None,
                                     jax.eval_shape(f, params, x1))
+    assert not prep.fallbacks
+    counts.append(len(prep.sites))
+  assert counts[0] == counts[1]
+
+
+def test_deep_layer_stack_stays_a_loop():
+  """Weights stacked along a first axis of any depth and scanned (one layer per step) keep
+  their structure: the step is the label of that axis, and the sites do not multiply."""
+  def f(p, x):
+    z, _ = lax.scan(lambda z, wb: (jnp.tanh(z @ wb[0] + wb[1][0]), None), x,
+                    (p["w"], p["b"]))
+    return z @ p["out"]
+
+  counts = []
+  for depth in (3, 100):
+    params = {"w": _normal(depth, 3, 3, scale=0.5), "b": _normal(depth, 1, 3, scale=0.1),
+              "out": _normal(3, 2)}
+    x1, x2 = _normal(2, 3), _normal(3, 3)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      got = sd(f, params, x1, x2, (), (), 0)
+      got_sym = sd(f, params, x1, None, (-1,), (), None)
+    zoo.assert_close(got, reference(f, params, x1, x2, (), ()), TOL)
+    zoo.assert_close(got_sym, reference(f, params, x1, None, (-1,), ()), TOL)
+    prep = structured_core._prepare(f, jax.tree.leaves(params), jax.tree.structure(params),
+                                    x1, {}, None, jax.eval_shape(f, params, x1))
     assert not prep.fallbacks
     counts.append(len(prep.sites))
   assert counts[0] == counts[1]

@@ -13,8 +13,8 @@ y's derivative with respect to the leaf, and records the primal arrays the term 
 
 Calls (`jit`, `remat`) that receive a chain are inlined, so parameters used inside them are
 seen structurally; so are `scan`s over parameters: a loop over constant weights (a
-recurrence) stays a loop whose sites are stacked along its steps, a short scan over stacked
-weights is unrolled. `custom_jvp_call` / `custom_vjp_call` are never inlined: their rule may
+recurrence) or over weights stacked along their first axis (a stack of layers) stays a loop
+whose sites are stacked along its steps; other short scans over parameters are unrolled. `custom_jvp_call` / `custom_vjp_call` are never inlined: their rule may
 differ from the derivative of their body (straight-through estimators), so a call that
 receives a chain is a site whose derivative comes from the call's own rule (the generic rule,
 through `jax.vjp`); calls that receive no chain are bound unchanged.
@@ -385,37 +385,54 @@ def walk(jaxpr, consts, invals, inchains, state: WalkState, top: bool = False):
 
 
 def _looped_scan(eqn, invals, chains, state: WalkState) -> Optional[list]:
-  """The outputs of a `scan` whose parameter chains are all constants of the loop (a
-  recurrence's weights), walked inside a scan of the same length; None when the loop cannot
-  be: a chain in the carry or the scanned inputs, a chain among the outputs, or a body use
-  without a structure rule.
+  """The outputs of a `scan` over parameters walked inside a scan of the same length, or
+  None when the loop cannot be: a chain in the carry, a chain among the outputs, a scanned
+  input that is a chain of a leaf passed through other operations first, or a body use
+  without a structure rule (or, for a scanned leaf, one that is not purely structural).
 
   Each site of the body becomes one site of the loop whose outputs (and deltas) are stacked
   along a new leading step axis, and so do the arrays its terms record: a body term becomes a
-  term with one more label, the step, summed with the other unshared labels. A weight's
-  Jacobian is then Σ_t x_t ⊗ ct_t over all steps in one contraction, and the structured pair
-  of two sides sums all pairs of steps, while the loop stays a loop for XLA (compile time
-  independent of its length)."""
+  term with one more label, the step. For a weight that is a constant of the loop (a
+  recurrence) the step is summed with the other unshared labels: its Jacobian is
+  Σ_t x_t ⊗ ct_t in one contraction, and the structured pair of two sides sums all pairs of
+  steps. A leaf scanned along its first axis (a stack of layers) enters the body as a leaf of
+  its own with one layer's shape, and the step becomes the label of that first axis. The loop
+  stays a loop for XLA: compile time does not depend on its length."""
   p = eqn.params
   body, length = p["jaxpr"], int(p["length"])
   n_consts, n_carry = p["num_consts"], p["num_carry"]
-  if length < 1 or any(c is not None for c in chains[n_consts:]):
+  x_chains = list(chains[n_consts + n_carry:])
+  if length < 1 or any(c is not None for c in chains[n_consts:n_consts + n_carry]):
+    return None
+  if any(c is not None and c.steps for c in x_chains):
     return None
   if any(static_chains(body.jaxpr, [c is not None for c in chains])[1]):
     return None
   consts, const_chains = list(invals[:n_consts]), list(chains[:n_consts])
   init, xs = list(invals[n_consts:n_consts + n_carry]), list(invals[n_consts + n_carry:])
-  free = [None] * (n_carry + len(xs))
+  # Scanned leaves become leaves of the body with one step's shape, numbered after the others.
+  leaf_avals, scanned = list(state.leaf_avals), {}
+  body_x_chains = []
+  for c in x_chains:
+    if c is not None:
+      shape, dtype = state.leaf_avals[c.leaf]
+      scanned[len(leaf_avals)] = c.leaf
+      c = Chain(len(leaf_avals))
+      leaf_avals.append((tuple(shape[1:]), dtype))
+    body_x_chains.append(c)
+  body_chains = const_chains + [None] * n_carry + body_x_chains
 
   def step_walk(inner, carry, x_t):
-    return walk(body.jaxpr, list(body.consts), consts + list(carry) + list(x_t),
-                const_chains + free, inner)[0]
+    return walk(body.jaxpr, list(body.consts), consts + list(carry) + list(x_t), body_chains,
+                inner)[0]
 
   # The body's sites and terms, from shapes alone; both passes of the walk find the same.
-  probe = WalkState(state.leaf_avals, None, state.rule_fn)
+  probe = WalkState(leaf_avals, None, state.rule_fn)
   jax.eval_shape(lambda carry, x_t: step_walk(probe, carry, x_t), [aval(c) for c in init],
                  [jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)) for x in xs])
   if probe.fallbacks or not all(t.einsum for t in probe.terms):
+    return None
+  if any(t.leaf in scanned and (t.prefix or t.pair_key is None) for t in probe.terms):
     return None
   sites = []
   for site in probe.sites:
@@ -427,7 +444,7 @@ def _looped_scan(eqn, invals, chains, state: WalkState) -> Optional[list]:
 
   def step(carry, inputs):
     x_t, deltas_t = inputs
-    inner = WalkState(state.leaf_avals, deltas_t, state.rule_fn)
+    inner = WalkState(leaf_avals, deltas_t, state.rule_fn)
     outs = step_walk(inner, carry, x_t)
     return outs[:n_carry], (outs[n_carry:], inner.aux)
 
@@ -438,17 +455,26 @@ def _looped_scan(eqn, invals, chains, state: WalkState) -> Optional[list]:
     labels = set(t.sizes) | set(t.ct_labels) | {l for f in t.factors
                                                 for l in f.labels + tuple(f.idx_labels)}
     u = 1 + max(labels, default=-1)
+    sizes = {**t.sizes, u: length}
+    stacked = {}
+    if t.leaf in scanned:   # the step is the leaf's first axis
+      leaf = scanned[t.leaf]
+      groups = ((u,),) + tuple(t.groups)
+      stacked = dict(leaf=leaf, groups=groups, stop_shape=(length,) + tuple(t.stop_shape),
+                     leaf_shape=tuple(state.leaf_avals[leaf][0]),
+                     pair_key=((), tuple(tuple(sizes[l] for l in g) for g in groups)))
     state.terms.append(dataclasses.replace(
         t, site=sites[t.site].index, ct_shape=(length,) + tuple(t.ct_shape),
-        ct_labels=(u,) + tuple(t.ct_labels), sizes={**t.sizes, u: length},
+        ct_labels=(u,) + tuple(t.ct_labels), sizes=sizes,
         factors=tuple(dataclasses.replace(f, slot=slots[f.slot], labels=(u,) + tuple(f.labels))
-                      for f in t.factors)))
+                      for f in t.factors), **stacked))
   return list(carry) + list(ys)
 
 
-# A scan whose scanned inputs are parameters (a stack of layers) is walked one step at a time
-# (its body inlined `length` times) when the unrolled body has at most this many equations;
-# beyond it, or with a chain in the carry, the scan stays a site of its own, exact but dense.
+# A scan over parameters that `_looped_scan` cannot keep a loop (weights reshaped before the
+# loop or sliced inside it) is walked one step at a time (its body inlined `length` times)
+# when the unrolled body has at most this many equations; beyond it, or with a chain in the
+# carry, the scan stays a site of its own, exact but dense.
 # Unrolled compile time grows faster than the length: a 64-unit hk.LSTM (15 body equations)
 # compiled in 3.3 s at 12 steps, 13 s at 24 and 50 s at 48 (2 CPU cores).
 SCAN_UNROLL_EQUATIONS = 256

@@ -560,6 +560,30 @@ def test_deep_layer_stack_stays_a_loop():
   assert counts[0] == counts[1]
 
 
+def test_nested_and_reversed_layer_stacks():
+  """Stacks of stacks (a scan over groups of layers, each a scan over its layers), a reversed
+  stack, per-layer scalar gains, and a stacked weight also used outside its loop."""
+  params = {"w": _normal(2, 3, 3, 3, scale=0.5), "g": _normal(4, scale=0.5),
+            "v": _normal(4, 3, 3, scale=0.5), "out": _normal(3, 2)}
+
+  def f(p, x):
+    def group(z, w_group):
+      z, _ = lax.scan(lambda z, w: (jnp.tanh(z @ w), None), z, w_group)
+      return z, None
+    z, _ = lax.scan(group, x, p["w"])
+    z, _ = lax.scan(lambda z, gv: (jnp.sin(gv[0] * z @ gv[1]), None), z, (p["g"], p["v"]),
+                    reverse=True)
+    return z @ p["out"] + (p["v"] ** 2).sum() * z[..., :2]
+
+  x1, x2 = _normal(2, 3), _normal(3, 3)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = sd(f, params, x1, x2, (), (), 0)
+    got_sym = sd(f, params, x1, None, (-1,), (0,), None)
+  zoo.assert_close(got, reference(f, params, x1, x2, (), ()), TOL)
+  zoo.assert_close(got_sym, reference(f, params, x1, None, (-1,), (0,)), TOL)
+
+
 def test_scan_fallbacks(monkeypatch):
   """Scans the walk does not unroll are sites of their own: exact, with one warning."""
   params = _scan_rnn_params()

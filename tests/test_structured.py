@@ -584,14 +584,35 @@ def test_nested_and_reversed_layer_stacks():
   zoo.assert_close(got_sym, reference(f, params, x1, None, (-1,), (0,)), TOL)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_learned_initial_state(reverse):
+  """A carry that starts as a parameter: the first step is walked on its own (the parameter
+  used structurally there), the loop runs over the other steps."""
+  params = _scan_rnn_params()
+
+  def f(p, x):
+    h, ys = lax.scan(lambda h, x_t: (jnp.tanh(h @ p["w"] + x_t), h * x_t), p["b"],
+                     jnp.stack([x, x * x, jnp.sin(x)]), reverse=reverse)
+    return (h + ys[0] - ys[-1]) @ p["out"]
+
+  batched = lambda p, x: jax.vmap(f, (None, 0))(p, x)  # noqa: E731
+  x1, x2 = _normal(2, 3), _normal(3, 3)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = sd(batched, params, x1, x2, (), (), 0)
+    got_sym = sd(batched, params, x1, None, (-1,), (0,), None)
+  zoo.assert_close(got, reference(batched, params, x1, x2, (), ()), TOL)
+  zoo.assert_close(got_sym, reference(batched, params, x1, None, (-1,), (0,)), TOL)
+
+
 def test_scan_fallbacks(monkeypatch):
   """Scans the walk does not unroll are sites of their own: exact, with one warning."""
   params = _scan_rnn_params()
   x1, x2 = _normal(2, 3), _normal(3, 3)
 
-  def learned_initial_state(p, x):   # a chain in the carry
-    h, _ = lax.scan(lambda h, x_t: (jnp.tanh(h @ p["w"] + x_t), None), p["b"],
-                    jnp.stack([x, x * x]))
+  def carried_parameter(p, x):       # a parameter that stays in the carry at every step
+    (h, _), _ = lax.scan(lambda c, x_t: ((jnp.tanh(c[0] @ c[1] + x_t), c[1].T), None),
+                         (x, p["w"]), jnp.stack([x, x * x]))
     return h @ p["out"]
 
   def parameter_as_output(p, x):     # a chain among the per-step outputs
@@ -606,7 +627,7 @@ def test_scan_fallbacks(monkeypatch):
     assert sum("STRUCTURED_DERIVATIVES" in str(w.message) for w in record) == 1
     zoo.assert_close(got, reference(batched, params, x1, x2, (), ()), TOL)
 
-  check_fallback(learned_initial_state)
+  check_fallback(carried_parameter)
   check_fallback(parameter_as_output)
   from ntk_dynamics.kernels.structured import interpreter
   monkeypatch.setattr(interpreter, "SCAN_UNROLL_EQUATIONS", 1)   # too long to unroll

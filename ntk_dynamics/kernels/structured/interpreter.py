@@ -386,9 +386,10 @@ def walk(jaxpr, consts, invals, inchains, state: WalkState, top: bool = False):
 
 def _looped_scan(eqn, invals, chains, state: WalkState) -> Optional[list]:
   """The outputs of a `scan` over parameters walked inside a scan of the same length, or
-  None when the loop cannot be: a chain in the carry, a chain among the outputs, a scanned
-  input that is a chain of a leaf passed through other operations first, or a body use
-  without a structure rule (or, for a scanned leaf, one that is not purely structural).
+  None when the loop cannot be: a chain among the outputs (or in the carry after the first
+  step), a scanned input that is a chain of a leaf passed through other operations first, or
+  a body use without a structure rule (or, for a scanned leaf, one that is not purely
+  structural). A carry that starts as a parameter has its first step walked on its own.
 
   Each site of the body becomes one site of the loop whose outputs (and deltas) are stacked
   along a new leading step axis, and so do the arrays its terms record: a body term becomes a
@@ -402,14 +403,28 @@ def _looped_scan(eqn, invals, chains, state: WalkState) -> Optional[list]:
   body, length = p["jaxpr"], int(p["length"])
   n_consts, n_carry = p["num_consts"], p["num_carry"]
   x_chains = list(chains[n_consts + n_carry:])
-  if length < 1 or any(c is not None for c in chains[n_consts:n_consts + n_carry]):
+  carry_chains = list(chains[n_consts:n_consts + n_carry])
+  # A carry that starts as a parameter (a learned initial state): the first step is walked on
+  # its own and the loop runs over the others, provided that step's outputs are no chains.
+  peel = any(c is not None for c in carry_chains)
+  if length < 1 or (peel and (length < 2 or any(c is not None for c in x_chains))):
     return None
   if any(c is not None and c.steps for c in x_chains):
     return None
-  if any(static_chains(body.jaxpr, [c is not None for c in chains])[1]):
+  flags = [c is not None for c in chains]
+  if any(static_chains(body.jaxpr, flags)[1]):
+    return None
+  flags[n_consts:n_consts + n_carry] = [False] * n_carry
+  if peel and any(static_chains(body.jaxpr, flags)[1]):
     return None
   consts, const_chains = list(invals[:n_consts]), list(chains[:n_consts])
   init, xs = list(invals[n_consts:n_consts + n_carry]), list(invals[n_consts + n_carry:])
+  if peel:
+    first = length - 1 if p["reverse"] else 0
+    x_first = [lax.index_in_dim(x, first, 0, keepdims=False) for x in xs]
+    xs = [lax.slice_in_dim(x, 0, length - 1) if p["reverse"] else lax.slice_in_dim(x, 1, length)
+          for x in xs]
+    length -= 1
   # Scanned leaves become leaves of the body with one step's shape, numbered after the others.
   leaf_avals, scanned = list(state.leaf_avals), {}
   body_x_chains = []
@@ -434,6 +449,10 @@ def _looped_scan(eqn, invals, chains, state: WalkState) -> Optional[list]:
     return None
   if any(t.leaf in scanned and (t.prefix or t.pair_key is None) for t in probe.terms):
     return None
+  if peel:
+    outs, _ = walk(body.jaxpr, list(body.consts), consts + init + x_first,
+                   const_chains + carry_chains + [None] * len(xs), state)
+    init, y_first = list(outs[:n_carry]), outs[n_carry:]
   sites = []
   for site in probe.sites:
     sites.append(Site(len(state.sites), site.primitive,
@@ -450,6 +469,9 @@ def _looped_scan(eqn, invals, chains, state: WalkState) -> Optional[list]:
 
   carry, (ys, aux) = lax.scan(step, init, (xs, deltas), length=length,
                               reverse=p["reverse"], unroll=p["unroll"])
+  if peel:
+    ys = [jnp.concatenate([y, y0[None]] if p["reverse"] else [y0[None], y])
+          for y, y0 in zip(ys, y_first)]
   slots = [state.record(a) for a in aux]
   for t in probe.terms:
     labels = set(t.sizes) | set(t.ct_labels) | {l for f in t.factors

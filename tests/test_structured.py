@@ -462,6 +462,17 @@ def test_gather_without_embedding_pattern():
   zoo.assert_close(got, reference(f, params, x1, x2, (), ()), TOL)
 
 
+def _check_without_fallback(f, params, x1, x2):
+  """SD equals the reference, per example against x2 and whole-batch symmetric, and no use
+  falls back to a dense Jacobian (that would warn)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = sd(f, params, x1, x2, (), (), 0)
+    got_sym = sd(f, params, x1, None, (-1,), (0,), None)
+  zoo.assert_close(got, reference(f, params, x1, x2, (), ()), TOL)
+  zoo.assert_close(got_sym, reference(f, params, x1, None, (-1,), (0,)), TOL)
+
+
 def _scan_rnn_params():
   return {"w": _normal(3, 3, scale=0.5), "u": _normal(3, 3, scale=0.5), "b": _normal(3),
           "layers": _normal(4, 3, 3, scale=0.4), "out": _normal(3, 2)}
@@ -546,13 +557,8 @@ def test_deep_layer_stack_stays_a_loop():
   for depth in (3, 100):
     params = {"w": _normal(depth, 3, 3, scale=0.5), "b": _normal(depth, 1, 3, scale=0.1),
               "out": _normal(3, 2)}
-    x1, x2 = _normal(2, 3), _normal(3, 3)
-    with warnings.catch_warnings():
-      warnings.simplefilter("error")
-      got = sd(f, params, x1, x2, (), (), 0)
-      got_sym = sd(f, params, x1, None, (-1,), (), None)
-    zoo.assert_close(got, reference(f, params, x1, x2, (), ()), TOL)
-    zoo.assert_close(got_sym, reference(f, params, x1, None, (-1,), ()), TOL)
+    x1 = _normal(2, 3)
+    _check_without_fallback(f, params, x1, _normal(3, 3))
     prep = structured_core._prepare(f, jax.tree.leaves(params), jax.tree.structure(params),
                                     x1, {}, None, jax.eval_shape(f, params, x1))
     assert not prep.fallbacks
@@ -575,13 +581,7 @@ def test_nested_and_reversed_layer_stacks():
                     reverse=True)
     return z @ p["out"] + (p["v"] ** 2).sum() * z[..., :2]
 
-  x1, x2 = _normal(2, 3), _normal(3, 3)
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    got = sd(f, params, x1, x2, (), (), 0)
-    got_sym = sd(f, params, x1, None, (-1,), (0,), None)
-  zoo.assert_close(got, reference(f, params, x1, x2, (), ()), TOL)
-  zoo.assert_close(got_sym, reference(f, params, x1, None, (-1,), (0,)), TOL)
+  _check_without_fallback(f, params, _normal(2, 3), _normal(3, 3))
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -595,14 +595,8 @@ def test_learned_initial_state(reverse):
                      jnp.stack([x, x * x, jnp.sin(x)]), reverse=reverse)
     return (h + ys[0] - ys[-1]) @ p["out"]
 
-  batched = lambda p, x: jax.vmap(f, (None, 0))(p, x)  # noqa: E731
-  x1, x2 = _normal(2, 3), _normal(3, 3)
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    got = sd(batched, params, x1, x2, (), (), 0)
-    got_sym = sd(batched, params, x1, None, (-1,), (0,), None)
-  zoo.assert_close(got, reference(batched, params, x1, x2, (), ()), TOL)
-  zoo.assert_close(got_sym, reference(batched, params, x1, None, (-1,), (0,)), TOL)
+  _check_without_fallback(lambda p, x: jax.vmap(f, (None, 0))(p, x), params, _normal(2, 3),
+                          _normal(3, 3))
 
 
 def test_scan_fallbacks(monkeypatch):

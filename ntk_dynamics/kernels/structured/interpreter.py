@@ -14,10 +14,11 @@ y's derivative with respect to the leaf, and records the primal arrays the term 
 Calls (`jit`, `remat`) that receive a chain are inlined, so parameters used inside them are
 seen structurally; so are `scan`s over parameters: a loop over constant weights (a
 recurrence) or over weights stacked along their first axis (a stack of layers) stays a loop
-whose sites are stacked along its steps; other short scans over parameters are unrolled. `custom_jvp_call` / `custom_vjp_call` are never inlined: their rule may
-differ from the derivative of their body (straight-through estimators), so a call that
-receives a chain is a site whose derivative comes from the call's own rule (the generic rule,
-through `jax.vjp`); calls that receive no chain are bound unchanged.
+whose sites are stacked along its steps; other short scans over parameters are unrolled.
+`custom_jvp_call` / `custom_vjp_call` are never inlined: their rule may differ from the
+derivative of their body (straight-through estimators), so a call that receives a chain is a
+site whose derivative comes from the call's own rule (the generic rule, through `jax.vjp`);
+calls that receive no chain are bound unchanged.
 """
 from __future__ import annotations
 
@@ -495,8 +496,8 @@ def _looped_scan(eqn, invals, chains, state: WalkState) -> Optional[list]:
 
 # A scan over parameters that `_looped_scan` cannot keep a loop (weights reshaped before the
 # loop or sliced inside it) is walked one step at a time (its body inlined `length` times)
-# when the unrolled body has at most this many equations; beyond it, or with a chain in the
-# carry, the scan stays a site of its own, exact but dense.
+# when the unrolled body has at most this many equations; beyond it, or with a parameter
+# kept in the carry, the scan stays a site of its own, exact but dense.
 # Unrolled compile time grows faster than the length: a 64-unit hk.LSTM (15 body equations)
 # compiled in 3.3 s at 12 steps, 13 s at 24 and 50 s at 48 (2 CPU cores).
 SCAN_UNROLL_EQUATIONS = 256
@@ -514,9 +515,9 @@ def _index_step(shape, dtype, i: int) -> tuple:
 
 def _unrolled_scan(eqn, invals, chains, state: WalkState) -> Optional[list]:
   """The outputs of a `scan` that receives parameter chains, walked one step at a time, or
-  None when it is left to the dense rule: a chain in the carry (a learned initial state; it
-  may stay a chain from step to step), a chain among the per-step outputs, or a body too
-  long to unroll."""
+  None when it is left to the dense rule: a chain in the carry (here: a parameter that may
+  stay in it from step to step), a chain among the per-step outputs, or a body too long to
+  unroll."""
   p = eqn.params
   body, length = p["jaxpr"], int(p["length"])
   n_consts, n_carry = p["num_consts"], p["num_carry"]

@@ -13,7 +13,9 @@ import importlib
 import importlib.util
 import math
 import os
+import pathlib
 import sys
+import tempfile
 from typing import Optional, Sequence
 
 # subcommand -> (module, one-line help). Recipe modules import JAX and friends inside `run`,
@@ -85,18 +87,72 @@ def non_negative_int(text: str) -> int:
   return v
 
 
-def positive_float(text: str) -> float:
+def _finite_float(text: str, zero_ok: bool) -> float:
   try:
     v = float(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-  if not (math.isfinite(v) and v > 0):
-    raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+  if not (math.isfinite(v) and (v > 0 or (zero_ok and v == 0))):
+    raise argparse.ArgumentTypeError(
+        f"must be a finite number {'>=' if zero_ok else '>'} 0, got {text!r}")
   return v
 
 
-def int_list(minimum: Optional[int] = None):
-  """A type for comma-separated, non-empty lists of distinct ints (each >= `minimum`)."""
+def positive_float(text: str) -> float:
+  return _finite_float(text, zero_ok=False)
+
+
+def non_negative_float(text: str) -> float:
+  return _finite_float(text, zero_ok=True)
+
+
+# `jax.random.PRNGKey` keeps only the low 32 bits of a seed unless jax_enable_x64 is on (2**32
+# gives seed 0's key) and overflows beyond 2**63: seeds live in [0, 2**32).
+SEED_LIMIT = 2 ** 32
+
+
+def seed_int(text: str) -> int:
+  """A type for an initialization seed: an int in [0, 2**32)."""
+  v = non_negative_int(text)
+  if v >= SEED_LIMIT:
+    raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text!r}")
+  return v
+
+
+def out_folder(text: str) -> str:
+  """A type for --out: a non-empty path."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError(f"must name a folder, got {text!r}")
+  return text
+
+
+def writable_folder(path, files: Sequence[str] = (), flag: str = "--out") -> pathlib.Path:
+  """Creates folder `path` if needed and checks, before any work, that `files` can be written
+  there; a run that could not save its results would lose them. Raises SystemExit naming
+  `flag` otherwise."""
+  path = pathlib.Path(path)
+  problem = None
+  if path.exists() and not path.is_dir():
+    problem = "it is a file, not a folder"
+  else:
+    try:
+      path.mkdir(parents=True, exist_ok=True)
+      with tempfile.TemporaryFile(dir=path):
+        pass
+    except OSError as e:
+      problem = f"cannot write files there ({e.strerror or e})"
+    else:
+      folders = [name for name in files if (path / name).is_dir()]
+      if folders:
+        problem = f"{folders[0]} there is a folder, where the results file goes"
+  if problem:
+    raise SystemExit(f"{flag} {str(path)!r}: {problem}.")
+  return path
+
+
+def int_list(minimum: Optional[int] = None, maximum: Optional[int] = None):
+  """A type for comma-separated, non-empty lists of distinct ints (each in [minimum,
+  maximum))."""
 
   def parse(text: str) -> list[int]:
     try:
@@ -108,6 +164,9 @@ def int_list(minimum: Optional[int] = None):
       raise argparse.ArgumentTypeError(f"must list at least one integer, got {text!r}")
     if minimum is not None and min(values) < minimum:
       raise argparse.ArgumentTypeError(f"values must be >= {minimum}, got {text!r}")
+    if maximum is not None and max(values) >= maximum:
+      bound = "2**32" if maximum == SEED_LIMIT else maximum
+      raise argparse.ArgumentTypeError(f"values must be < {bound}, got {text!r}")
     if len(set(values)) != len(values):
       raise argparse.ArgumentTypeError(f"repeats a value: {text!r}")
     return values

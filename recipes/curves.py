@@ -24,7 +24,8 @@ import time
 import warnings
 from typing import Optional
 
-from recipes.cli import int_list, non_negative_int, positive_float, positive_int
+from recipes.cli import (SEED_LIMIT, int_list, non_negative_int, out_folder, positive_float,
+                         positive_int, seed_int, writable_folder)
 
 MODELS = ("mlp", "cnn", "resnet")
 DEFAULT_WIDTH = {"mlp": 2048, "cnn": 32, "resnet": 16}
@@ -77,12 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--kernel-batch-size", type=positive_int, default=None,
                  help="compute kernels in blocks of this many examples (bounds memory)")
   g = p.add_argument_group("run")
-  g.add_argument("--seed", type=int, default=None, help="initialization seed (default 0)")
+  g.add_argument("--seed", type=seed_int, default=None,
+                 help="initialization seed in [0, 2**32) (default 0)")
   g.add_argument("--widths", type=int_list(minimum=1), default=None,
                  help="comma-separated widths: a sweep (e.g. 128,512,2048)")
-  g.add_argument("--seeds", type=int_list(), default=None,
+  g.add_argument("--seeds", type=int_list(minimum=0, maximum=SEED_LIMIT), default=None,
                  help="comma-separated seeds: a sweep (e.g. 0,1,2)")
-  g.add_argument("--out", default="runs/curves", help="output folder")
+  g.add_argument("--out", type=out_folder, default="runs/curves", help="output folder")
   g.add_argument("--no-progress", action="store_true", help="no progress bars")
   g.add_argument("--resume", action="store_true",
                  help="continue an interrupted run in --out: runs completed there with the same "
@@ -349,9 +351,12 @@ RUN_CONTROL = ("out", "no_progress", "resume", "argv")
 
 
 def _settings(config: dict) -> dict:
-  """config.json without the run-control entries, as JSON reads it back."""
+  """config.json without the run-control entries, as JSON reads it back. Widths and seeds
+  count as resolved (`--seed 0` is the default seed, `--width` unset its model's default), and
+  whether the run is a sweep, which lays out the folder."""
   from ntk_dynamics import runs
-  kept = {k: v for k, v in config.items() if k not in RUN_CONTROL}
+  kept = {k: v for k, v in config.items() if k not in RUN_CONTROL + ("width", "seed", "seeds")}
+  kept["sweep"] = kept.pop("widths", None) is not None or len(kept["resolved_seeds"]) > 1
   return runs.restore_non_finite(json.loads(runs.strict_json_dumps(kept)))
 
 
@@ -409,7 +414,9 @@ def run(args: argparse.Namespace) -> int:
                               n_test=args.n_test, seed=args.data_seed)
   except ValueError as e:
     raise SystemExit(f"curves: cannot load --dataset {args.dataset!r}: {e}")
-  out = pathlib.Path(args.out)
+  # Before any work, once the inputs are valid: results that cannot be saved would be lost.
+  out = writable_folder(args.out, ("config.json", "metrics.json", "curves.csv", "plot.png",
+                                   "sweep.csv", "sweep.png"))
   progress = not args.no_progress and sys.stderr.isatty()
   config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
   config.update({"resolved_widths": widths, "resolved_seeds": seeds,

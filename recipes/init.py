@@ -22,7 +22,10 @@ change of step size.
 
 Writes to `--out`: metrics.json (config, per-seed figures and curves, summary), table.md,
 spectra.png (normalised eigenvalues, one panel per initialization), loss_curves.png
-(actual and predicted training loss), shares.png (layer shares of Tr Θ).
+(actual and predicted training loss), shares.png (layer shares of Tr Θ). After Ctrl-C (exit
+status 130) or an error in one row, metrics.json holds every (seed, row) finished ("status":
+"interrupted" or "failed"); the same command with `--resume` keeps them and computes the rest,
+and refuses a metrics.json written with other settings.
 """
 from __future__ import annotations
 
@@ -31,52 +34,87 @@ import math
 import sys
 import time
 
+from recipes.cli import (SEED_LIMIT, int_list, non_negative_float, non_negative_int, out_folder,
+                         positive_float, positive_int, writable_folder)
+
 ROWS = ("default", "spectral_lr", "catapult", "centered", "balanced", "balanced_lr",
         "scale_search", "gradinit")
 DEFAULT_ROWS = ("default", "spectral_lr", "catapult", "centered", "balanced", "balanced_lr",
                 "scale_search", "gradinit")
 
 
+def _tweak_list(text: str) -> list[str]:
+  """A type for --tweaks: a non-empty comma-separated list of rows of `ROWS`, run in the order
+  of `ROWS` (a repeated row runs once)."""
+  names = [r.strip() for r in text.split(",") if r.strip()]
+  unknown = [r for r in names if r not in ROWS]
+  if unknown or not names:
+    raise argparse.ArgumentTypeError(
+        (f"unknown {', '.join(map(repr, unknown))}" if unknown else f"empty, got {text!r}")
+        + f"; choose among {', '.join(ROWS)}")
+  return [r for r in ROWS if r in names]
+
+
+def _bounds(text: str) -> list[float]:
+  """A type for --bounds: 'lo,hi' with 0 < lo <= 1 <= hi < inf."""
+  try:
+    lo, hi = (float(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be 'lo,hi', got {text!r}") from None
+  if not (0 < lo <= 1 <= hi < math.inf):
+    raise argparse.ArgumentTypeError(f"must satisfy 0 < lo <= 1 <= hi < inf, got {text!r}")
+  return [lo, hi]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group("data")
   g.add_argument("--dataset", default="digits", help="'digits' (bundled) or tfds:NAME")
   g.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir")
-  g.add_argument("--n-train", type=int, default=256,
+  g.add_argument("--n-train", type=positive_int, default=256,
                  help="training examples (the kernel, the prediction and the training)")
-  g.add_argument("--n-test", type=int, default=None, help="test examples (default: all)")
-  g.add_argument("--n-search", type=int, default=128,
+  g.add_argument("--n-test", type=positive_int, default=None,
+                 help="test examples (default: all)")
+  g.add_argument("--n-search", type=positive_int, default=128,
                  help="the first N training examples: batch of the searches and shares")
-  g.add_argument("--data-seed", type=int, default=0)
+  g.add_argument("--data-seed", type=non_negative_int, default=0)
   g = p.add_argument_group("model")
-  g.add_argument("--width", type=int, default=64)
-  g.add_argument("--depth", type=int, default=8, help="hidden layers")
+  g.add_argument("--width", type=positive_int, default=64)
+  g.add_argument("--depth", type=positive_int, default=8, help="hidden layers")
   g.add_argument("--activation", default="tanh", choices=("tanh", "relu", "gelu", "erf"))
-  g.add_argument("--w-std", type=float, default=None,
+  g.add_argument("--w-std", type=positive_float, default=None,
                  help="σ_w of the default init (default: 1 for tanh/erf, √2 otherwise)")
-  g.add_argument("--b-std", type=float, default=0.0)
+  g.add_argument("--b-std", type=non_negative_float, default=0.0)
   g.add_argument("--parameterization", default="standard", choices=("standard", "ntk"))
   g = p.add_argument_group("training")
-  g.add_argument("--steps", type=int, default=300, help="K, full-batch SGD steps")
-  g.add_argument("--lr", type=float, default=0.1, help="fixed step of the 'default' row")
-  g.add_argument("--lr-factor", type=float, default=0.5,
-                 help="c in η = c·η_max for every other row (c < 1: lazy regime)")
-  g.add_argument("--catapult-factor", type=float, default=1.5,
+  g.add_argument("--steps", type=positive_int, default=300, help="K, full-batch SGD steps")
+  g.add_argument("--lr", type=positive_float, default=0.1,
+                 help="fixed step of the 'default' row")
+  g.add_argument("--lr-factor", type=positive_float, default=0.5,
+                 help="c in η = c·η_max for every row but 'default' and 'catapult' "
+                      "(c < 1: lazy regime)")
+  g.add_argument("--catapult-factor", type=positive_float, default=1.5,
                  help="c of the 'catapult' row")
   g = p.add_argument_group("tweaks")
-  g.add_argument("--tweaks", default=",".join(DEFAULT_ROWS),
+  g.add_argument("--tweaks", type=_tweak_list, default=",".join(DEFAULT_ROWS),
                  help=f"comma-separated rows among {', '.join(ROWS)}")
-  g.add_argument("--search-steps", type=int, default=20)
-  g.add_argument("--search-lr", type=float, default=0.1, help="Adam step on log-scales")
-  g.add_argument("--bounds", default="0.1,10", help="scale bounds lo,hi of the searches")
-  g.add_argument("--temperature", type=float, default=0.05,
+  g.add_argument("--search-steps", type=positive_int, default=20)
+  g.add_argument("--search-lr", type=positive_float, default=0.1,
+                 help="Adam step on log-scales")
+  g.add_argument("--bounds", type=_bounds, default="0.1,10",
+                 help="scale bounds lo,hi of the searches (0 < lo <= 1 <= hi)")
+  g.add_argument("--temperature", type=non_negative_float, default=0.05,
                  help="τ of the soft log κ (0: exact)")
   g = p.add_argument_group("run")
-  g.add_argument("--seeds", default="0,1,2", help="comma-separated initialization seeds")
+  g.add_argument("--seeds", type=int_list(minimum=0, maximum=SEED_LIMIT), default="0,1,2",
+                 help="comma-separated distinct initialization seeds in [0, 2**32)")
   g.add_argument("--implementation", default="auto",
                  choices=("auto", "jacobian_contraction", "ntk_vector_products",
                           "structured_derivatives"))
-  g.add_argument("--out", default="runs/init", help="output folder")
+  g.add_argument("--out", type=out_folder, default="runs/init", help="output folder")
   g.add_argument("--no-progress", action="store_true")
+  g.add_argument("--resume", action="store_true",
+                 help="continue an interrupted run in --out: the (seed, row) results it holds "
+                      "are kept, the others are computed; other settings are refused")
 
 
 def _fail(msg: str):
@@ -84,37 +122,50 @@ def _fail(msg: str):
 
 
 def _parse(args: argparse.Namespace) -> tuple[list[int], list[str], tuple[float, float]]:
-  try:
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-  except ValueError:
-    _fail(f"--seeds must be comma-separated integers, got {args.seeds!r}.")
-  if not seeds:
-    _fail("--seeds is empty.")
-  rows = [r.strip() for r in args.tweaks.split(",") if r.strip()]
-  unknown = [r for r in rows if r not in ROWS]
-  if unknown or not rows:
-    _fail(f"--tweaks: unknown {unknown}; choose among {', '.join(ROWS)}.")
-  rows = [r for r in ROWS if r in rows]
-  try:
-    lo, hi = (float(v) for v in args.bounds.split(","))
-  except ValueError:
-    _fail(f"--bounds must be 'lo,hi', got {args.bounds!r}.")
-  if not 0 < lo <= 1 <= hi:
-    _fail("--bounds must satisfy 0 < lo <= 1 <= hi.")
-  for name in ("n_train", "n_search", "width", "depth", "steps", "search_steps"):
-    if getattr(args, name) < 1:
-      _fail(f"--{name.replace('_', '-')} must be positive.")
+  """The seeds, rows and bounds; argparse has checked every option on its own."""
   if args.n_search > args.n_train:
-    _fail("--n-search must be at most --n-train.")
-  for name in ("lr", "lr_factor", "catapult_factor", "search_lr", "w_std"):
-    v = getattr(args, name)
-    if v is not None and not (math.isfinite(v) and v > 0):
-      _fail(f"--{name.replace('_', '-')} must be a positive number, got {v!r}.")
-  for name in ("b_std", "temperature"):
-    v = getattr(args, name)
-    if not (math.isfinite(v) and v >= 0):
-      _fail(f"--{name.replace('_', '-')} must be a number >= 0, got {v!r}.")
-  return seeds, rows, (lo, hi)
+    _fail(f"--n-search must be at most --n-train ({args.n_train}), got {args.n_search}.")
+  if "gradinit" in args.tweaks and args.n_search < 2:
+    _fail(f"--tweaks gradinit needs --n-search >= 2 (two half-batches), got {args.n_search}.")
+  return list(args.seeds), list(args.tweaks), tuple(args.bounds)
+
+
+# Options that do not change what is computed: the rest of the config must match to --resume.
+RUN_CONTROL = ("out", "no_progress", "resume")
+
+
+def _settings(config: dict) -> dict:
+  """The config without its run-control entries, as JSON reads it back."""
+  import json
+
+  from ntk_dynamics import runs
+  kept = {k: v for k, v in config.items() if k not in RUN_CONTROL}
+  return json.loads(runs.strict_json_dumps(kept))
+
+
+def _resumable(path, settings: dict, flags: set) -> tuple[dict, list, float]:
+  """The rows of the run in `path` (metrics.json) that `--resume` keeps: `{(seed, row):
+  entry}`, their warnings and seconds; nothing when there is no file. Refuses (SystemExit) a
+  file it cannot read or one written with other settings."""
+  from ntk_dynamics import runs
+  if not path.exists():
+    return {}, [], 0.0
+  try:
+    m = runs.read_json(path)
+    stored = _settings(m["config"])
+    done = {(int(s["seed"]), r): s for r, entries in m["per_seed"].items() for s in entries}
+    warnings, seconds = list(m["warnings"]), float(m["seconds"])
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    _fail(f"--resume cannot read {path} ({type(e).__name__}: {e}); delete it to start over, "
+          "or drop --resume.")
+  changed = [f"{'--' + k.replace('_', '-') if k in flags else k} {stored.get(k)!r} -> "
+             f"{settings.get(k)!r}" for k in sorted(set(stored) | set(settings))
+             if stored.get(k) != settings.get(k)]
+  if changed:
+    _fail(f"--resume: {path} holds results computed with other settings ("
+          + "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else "")
+          + "); use another --out, or drop --resume to start over.")
+  return done, warnings, seconds
 
 
 _TRAINERS: dict = {}
@@ -146,8 +197,9 @@ def _train(f, params, x, y, x_test, y_test, learning_rate: float, multipliers, s
         return (optax.apply_updates(p, u), s), loss
       (p, _), losses = jax.lax.scan(step, (p, tx.init(p)), None, length=steps)
       out_t = f(p, x_test)
-      return (jnp.append(losses, loss_fn(p, x, y)),
-              jnp.mean(jnp.argmax(out_t, -1) == y_test),
+      # A diverged network's NaN logits would argmax to class 0: such an example is wrong.
+      correct = (jnp.argmax(out_t, -1) == y_test) & jnp.all(jnp.isfinite(out_t), -1)
+      return (jnp.append(losses, loss_fn(p, x, y)), jnp.mean(correct),
               0.5 * jnp.mean((out_t - jax.nn.one_hot(y_test, out_t.shape[-1])) ** 2))
     _TRAINERS[key] = jax.jit(run)
   losses, acc, test_loss = _TRAINERS[key](params, learning_rate, multipliers, x, y, x_test,
@@ -172,12 +224,24 @@ def _predict(kernel, f0, y, lr: float, steps: int):
   return np.where(np.isfinite(loss), loss, np.inf)  # c ≥ 1: the linearized model diverges
 
 
-def _tail_mean(losses) -> float:
-  """Mean training loss over the last 10% of the steps: at large steps the loss oscillates
-  (edge of stability) and its value at exactly step K is noisy."""
+def _diverged_as_inf(losses):
+  """Losses with NaN (a diverged run) as +inf, so that any finite loss is lower."""
   import numpy as np
   losses = np.asarray(losses, np.float64)
+  return np.where(np.isnan(losses), np.inf, losses)
+
+
+def _tail_mean(losses) -> float:
+  """Mean training loss over the last 10% of the steps: at large steps the loss oscillates
+  (edge of stability) and its value at exactly step K is noisy. inf if the run diverged."""
+  import numpy as np
+  losses = _diverged_as_inf(losses)
   return float(np.mean(losses[-max(1, (len(losses) - 1) // 10):]))
+
+
+def _final(entry: dict) -> float:
+  """Training loss at step K; inf if the run diverged (NaN)."""
+  return float(_diverged_as_inf(entry["actual_loss"][-1]))
 
 
 def _summary(per_seed: dict, rows: list[str], steps: int) -> dict:
@@ -185,14 +249,14 @@ def _summary(per_seed: dict, rows: list[str], steps: int) -> dict:
   out = {}
   for r in rows:
     runs_ = per_seed[r]
-    final = np.array([s["actual_loss"][-1] for s in runs_])
+    final = np.array([_final(s) for s in runs_])
     tail = np.array([_tail_mean(s["actual_loss"]) for s in runs_])
 
     def wins(ref, tail_mean=False):
       if ref not in per_seed or ref == r:
         return None
       mine = tail if tail_mean else final
-      theirs = np.array([_tail_mean(s["actual_loss"]) if tail_mean else s["actual_loss"][-1]
+      theirs = np.array([_tail_mean(s["actual_loss"]) if tail_mean else _final(s)
                          for s in per_seed[ref]])
       return int(np.sum(mine < theirs))
 
@@ -229,8 +293,8 @@ def _summary(per_seed: dict, rows: list[str], steps: int) -> dict:
   return out
 
 
-def _fmt_loss(v: float) -> str:
-  return f"{v:.3g}" if math.isfinite(v) and v < 1e6 else "diverges"
+def _fmt_loss(v: float, limit: float = 1e6) -> str:
+  return f"{v:.3g}" if math.isfinite(v) and v < limit else "diverges"
 
 
 def _wins(s: dict, ref: str) -> str:
@@ -248,10 +312,11 @@ def _table(summary: dict, rows: list[str], steps: int) -> str:
     red = s["kappa_reduction_vs_default_median"]
     lines.append(
         f"| {r} | {s['condition_number_median']:.4g} | "
-        f"{(red if red else float('nan')):.3g} | {s['lambda_max_median']:.4g} | "
+        f"{'—' if red is None else format(red, '.3g')} | {s['lambda_max_median']:.4g} | "
         f"{s['learning_rate_median']:.3g} | "
         f"{_fmt_loss(s['predicted_final_loss_median'])} | "
-        f"{s['actual_final_loss_median']:.3g} | {s['actual_tail_loss_median']:.3g} | "
+        f"{_fmt_loss(s['actual_final_loss_median'], math.inf)} | "
+        f"{_fmt_loss(s['actual_tail_loss_median'], math.inf)} | "
         f"{s['test_accuracy_median']:.3f} | "
         f"{_wins(s, 'default')} | {_wins(s, 'spectral_lr')} |")
   return "\n".join(lines) + f"\n\nMedians over seeds; K = {steps} steps; wins: seeds with a " \
@@ -303,7 +368,6 @@ def _plots(out, per_seed: dict, rows: list[str], title: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
   seeds, rows, bounds = _parse(args)
-  import pathlib
   import warnings
 
   import jax
@@ -318,7 +382,17 @@ def run(args: argparse.Namespace) -> int:
   from ntk_dynamics.init import _common
 
   t_start = time.perf_counter()
-  out = pathlib.Path(args.out)
+  # Before any work: results that cannot be saved would be lost.
+  out = writable_folder(args.out, ("metrics.json", "table.md", "spectra.png",
+                                   "loss_curves.png", "shares.png"))
+  config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+  w_std = args.w_std if args.w_std is not None else (
+      1.0 if args.activation in ("tanh", "erf") else math.sqrt(2.0))
+  config.update({"w_std_resolved": w_std, "jax_version": jax.__version__,
+                 "platform": jax.devices()[0].platform})
+  done, warn_log, seconds_before = (
+      _resumable(out / "metrics.json", _settings(config), set(vars(args))) if args.resume
+      else ({}, [], 0.0))
   impl = nd.NtkImplementation[args.implementation.upper()]
   if impl == nd.NtkImplementation.STRUCTURED_DERIVATIVES:
     try:  # not every checkout has it yet: fail before any work
@@ -327,26 +401,44 @@ def run(args: argparse.Namespace) -> int:
     except NotImplementedError as e:
       _fail(f"--implementation structured_derivatives: {e}")
   kw = dict(implementation=impl, vmap_axes=0)
-  data = tasks.load_dataset(args.dataset, data_dir=args.data_dir, n_train=args.n_train,
-                            n_test=args.n_test, seed=args.data_seed, flatten=True)
+  try:
+    data = tasks.load_dataset(args.dataset, data_dir=args.data_dir, n_train=args.n_train,
+                              n_test=args.n_test, seed=args.data_seed, flatten=True)
+  except ValueError as e:  # load_dataset names its arguments, which these flags set
+    message = str(e)
+    for name, flag in (("n_train", "--n-train"), ("n_test", "--n-test"),
+                       ("seed", "--data-seed"), ("data_dir", "--data-dir")):
+      message = message.replace(f"`{name}`", flag)
+    _fail(f"cannot load --dataset {args.dataset!r}: {message}")
   x = jnp.asarray(data.x_train)
   y = jnp.asarray(tasks.one_hot(data.y_train, data.num_classes))
   x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
   x_search, y_search = x[:args.n_search], y[:args.n_search]
-  w_std = args.w_std if args.w_std is not None else (
-      1.0 if args.activation in ("tanh", "erf") else math.sqrt(2.0))
   model = models.mlp([args.width] * args.depth, data.num_classes, activation=args.activation,
                      parameterization=args.parameterization, w_std=w_std, b_std=args.b_std)
   f = nd.from_haiku(model)
   title = (f"{args.activation} MLP {args.depth}×{args.width} (σ_w={w_std:.3g}, "
            f"{args.parameterization}) on {args.dataset}, n={len(x)}, K={args.steps}")
   print(title)
+  if done:
+    kept = sum((seed, r) in done for seed in seeds for r in rows)
+    print(f"--resume: {kept} of {len(seeds) * len(rows)} rows kept from {out}/metrics.json")
 
   per_seed = {r: [] for r in rows}
-  warn_log: list[str] = []
   bar = tqdm(total=len(seeds) * len(rows), disable=args.no_progress, unit="row")
+
+  def save_rows(status: str) -> int:
+    """metrics.json with the rows finished so far; returns their number."""
+    bar.close()
+    runs.atomic_write_json(out / "metrics.json", {
+        "status": status, "config": config, "title": title, "per_seed": per_seed,
+        "warnings": warn_log, "seconds": seconds_before + time.perf_counter() - t_start})
+    return sum(len(v) for v in per_seed.values())
+
+  where = ""
   try:
     for seed in seeds:
+      where = f"seed {seed}"
       params0 = model.init(jax.random.PRNGKey(seed), x[:1])
       cache: dict = {}
 
@@ -357,6 +449,11 @@ def run(args: argparse.Namespace) -> int:
         return cache["k"], cache["shares"]
 
       for r in rows:
+        if (seed, r) in done:  # --resume: computed by the interrupted run
+          per_seed[r].append(done[seed, r])
+          bar.update(1)
+          continue
+        where = f"seed {seed}, row {r}"
         bar.set_description(f"seed {seed} {r}")
         t0 = time.perf_counter()
         report: dict = {}
@@ -408,8 +505,6 @@ def run(args: argparse.Namespace) -> int:
           predicted = _predict(k_full, f0, y, lr, args.steps)
           actual, acc, test_loss = _train(f_r, p_r, x, y, x_test, y_test, lr, multipliers,
                                           args.steps)
-        for w in caught:
-          warn_log.append(f"seed {seed} {r}: {w.message}")
         per_seed[r].append({
             "seed": seed, "condition_number": spec.condition_number,
             "lambda_max": spec.lambda_max, "lambda_min": spec.lambda_min, "trace": spec.trace,
@@ -422,19 +517,22 @@ def run(args: argparse.Namespace) -> int:
             "predicted_loss": predicted.tolist(), "actual_loss": actual.tolist(),
             "test_accuracy": acc, "test_loss": test_loss,
             "tweak_report": _common.jsonable(report), "seconds": time.perf_counter() - t0})
+        # After the row: the warnings kept by an interrupted run are those of its rows.
+        warn_log.extend(f"seed {seed} {r}: {w.message}" for w in caught)
         bar.update(1)
   except KeyboardInterrupt:
-    bar.close()
-    config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    runs.atomic_write_json(out / "metrics.json", {
-        "status": "interrupted", "config": config | {"w_std_resolved": w_std},
-        "title": title, "per_seed": per_seed, "warnings": warn_log,
-        "seconds": time.perf_counter() - t_start})
-    done = sum(len(v) for v in per_seed.values())
-    print(f"\ninit: interrupted after {done} of {len(seeds) * len(rows)} rows; they are in "
-          f"{out}/metrics.json (status 'interrupted'). Rerun the command to complete.",
-          file=sys.stderr)
+    n_done = save_rows("interrupted")
+    print(f"\ninit: interrupted after {n_done} of {len(seeds) * len(rows)} rows; they are in "
+          f"{out}/metrics.json (status 'interrupted'). Run the same command with --resume to "
+          "keep them and compute the rest.", file=sys.stderr)
     return 130
+  except Exception as e:
+    # An error in one row (e.g. a singular kernel for the search) must not cost the others.
+    n_done = save_rows("failed")
+    if not isinstance(e, (ValueError, OSError)):
+      raise
+    _fail(f"{where}: {e} ({n_done} row(s) finished before are in {out}/metrics.json, "
+          "status 'failed'; --resume keeps them)")
   bar.close()
 
   summary = _summary(per_seed, rows, args.steps)
@@ -442,12 +540,10 @@ def run(args: argparse.Namespace) -> int:
   print(table)
   for w in warn_log[:20]:
     print("warning:", w)
-  config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
   runs.atomic_write_json(out / "metrics.json", {
-      "status": "completed", "config": config | {"w_std_resolved": w_std}, "title": title,
-      "summary": summary,
+      "status": "completed", "config": config, "title": title, "summary": summary,
       "per_seed": per_seed, "warnings": warn_log,
-      "seconds": time.perf_counter() - t_start})
+      "seconds": seconds_before + time.perf_counter() - t_start})
   runs.atomic_write_bytes(out / "table.md", (f"{title}\n\n" + table).encode())
   _plots(out, per_seed, rows, title)
   print(f"wrote {out}/metrics.json, table.md, spectra.png, loss_curves.png, shares.png "

@@ -17,7 +17,7 @@ import math
 import sys
 import time
 
-from recipes.cli import int_list, non_negative_int, positive_float, positive_int
+from recipes.cli import int_list, non_negative_int, positive_float, positive_int, seed_int
 
 INNER = ("maml", "anil", "ntk_flow", "ntk_steps", "ntk_ridge")
 # Tasks with a split of their classes that holds validation classes (--select validation).
@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="weight std × √fan_in (default 1/√3, the std of PyTorch nn.Linear's "
                       "default init; with He's √2 MAML's α=0.01 is beyond the stable inner "
                       "step on sinusoids)")
-  p.add_argument("--seed", type=_seed, default=0,
+  p.add_argument("--seed", type=seed_int, default=0,
                  help="seed of the task stream and of the initialization, in [0, 2**32)")
   p.add_argument("--eval-seed", type=non_negative_int, default=1_000_003,
                  help="pool seed of the held-out tasks (the same for every run)")
@@ -98,15 +98,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="comma-separated inner loops to profile")
   p.add_argument("--profile-repeats", type=non_negative_int, default=5,
                  help="timed calls per configuration (the median is reported)")
-
-
-def _seed(text: str) -> int:
-  """A type for --seed: `jax.random.key` keeps only the low 32 bits of a seed unless
-  jax_enable_x64 is on, so a seed outside [0, 2**32) would replay another's run."""
-  v = non_negative_int(text)
-  if v >= 2 ** 32:
-    raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text!r}")
-  return v
 
 
 def _inner_list(text: str) -> list[str]:

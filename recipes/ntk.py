@@ -12,7 +12,8 @@ import argparse
 import sys
 import time
 
-from recipes.cli import EXIT_INTERRUPTED, non_negative_int, positive_int
+from recipes.cli import (EXIT_INTERRUPTED, non_negative_int, out_folder, positive_int,
+                         seed_int, writable_folder)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,8 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="full (N, N, K, K) kernel instead of the logit-traced (N, N) one")
   p.add_argument("--repeats", type=positive_int, default=3,
                  help="timed calls per implementation")
-  p.add_argument("--seed", type=non_negative_int, default=0)
-  p.add_argument("--out", default=None, help="folder for metrics.json (optional)")
+  p.add_argument("--seed", type=seed_int, default=0,
+                 help="seed of the subset and of the initialization, in [0, 2**32)")
+  p.add_argument("--out", type=out_folder, default=None,
+                 help="folder for metrics.json (optional)")
 
 
 def _time(fn, repeats: int) -> tuple[float, object]:
@@ -58,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
   import tasks
 
   # --n, --width, --repeats (positive_int) and --depth (non_negative_int) are checked by argparse.
+  if args.out:  # before any work: results that cannot be saved would be lost
+    writable_folder(args.out, ("metrics.json",))
   try:
     data = tasks.load_dataset(args.dataset, data_dir=args.data_dir, n_train=args.n,
                               seed=args.seed)

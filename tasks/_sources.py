@@ -22,10 +22,15 @@ UINT8_SCALE = 1.0 / 255.0
 ImageTransform = Callable[[np.ndarray], np.ndarray]
 
 
-def parse_name(name: str, allowed_tfds: Iterable[str]) -> str | None:
-  """The tfds dataset name for "tfds:NAME", None for "digits"; raises for anything else."""
+def parse_name(name: str, allowed_tfds: Iterable[str], data_dir: str | None = None) -> str | None:
+  """The tfds dataset name for "tfds:NAME", None for "digits"; raises for anything else, and
+  for a `data_dir` given with "digits" (which reads no directory: a user who passes one
+  expects their own copy to be read)."""
   allowed = sorted(allowed_tfds)
   if name == DIGITS:
+    if data_dir is not None:
+      raise ValueError(f"`data_dir` applies to tfds datasets; {DIGITS!r} ships with "
+                       f"scikit-learn and reads no directory (got data_dir={data_dir!r}).")
     return None
   if isinstance(name, str) and name.startswith(TFDS_PREFIX) and name[len(TFDS_PREFIX):] in allowed:
     return name[len(TFDS_PREFIX):]

@@ -56,7 +56,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, n_train: int | None 
       1347 train / 450 test images), or "tfds:mnist", "tfds:fashion_mnist" (28x28x1),
       "tfds:cifar10", "tfds:cifar100" (32x32x3) read with `tfds.data_source` (their own
       train/test splits).
-    data_dir: tfds data directory (None: tfds's default); unused for "digits".
+    data_dir: tfds data directory (None: tfds's default); must be None for "digits".
     n_train: number of training examples, a uniformly random subset without replacement; None
       for all.
     n_test: the same for the test split.
@@ -68,7 +68,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, n_train: int | None 
   Returns:
     A `Dataset` of float32 images and int32 labels, in the source's order.
   """
-  tfds_name = _sources.parse_name(name, TFDS_NUM_CLASSES)
+  tfds_name = _sources.parse_name(name, TFDS_NUM_CLASSES, data_dir)
   if tfds_name is None:
     images, labels = _sources.digits_arrays()
     split_indices = sklearn.model_selection.train_test_split(

@@ -269,7 +269,7 @@ def load_few_shot_source(
         test splits pooled (tasks are split by class, not by image); default split sizes
         `TFDS_CLASS_SPLIT_SIZES` cut by `split_classes(..., seed=CLASS_SPLIT_SEED)`, rotations
         off.
-    data_dir: tfds data directory (None: tfds's default); unused for "digits".
+    data_dir: tfds data directory (None: tfds's default); must be None for "digits".
     class_splits: None for the source's default; for Omniglot, a name in
       `OMNIGLOT_CLASS_SPLITS`; or an explicit mapping split name -> class ids (e.g. from
       `split_classes`), pairwise disjoint.
@@ -277,7 +277,8 @@ def load_few_shot_source(
   Returns:
     A `FewShotSource`.
   """
-  tfds_name = _sources.parse_name(name, set(TFDS_CLASS_SPLIT_SIZES) | {"omniglot"})
+  tfds_name = _sources.parse_name(name, set(TFDS_CLASS_SPLIT_SIZES) | {"omniglot"},
+                                 data_dir)
   named_rule = (tfds_name == "omniglot" and isinstance(class_splits, str)
                 and class_splits in OMNIGLOT_CLASS_SPLITS)
   # Checked before loading, which can take a while.

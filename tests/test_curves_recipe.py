@@ -227,6 +227,23 @@ def test_resume_keeps_completed_runs_and_refuses_other_settings(tmp_path, monkey
           "0.3)") in capsys.readouterr().err
 
 
+def test_resume_sees_default_seed_and_width_as_given(tmp_path, capsys):
+  """A run started with the default seed and width resumes when they are then spelled out
+  (`--seed 0`, the model's default width); before, the raw flags (None -> 0) were compared and
+  the complete run was refused as one with other settings."""
+  out = tmp_path / "c"
+  argv = ["curves", *BASE, "--steps", "3", "--log-points", "2", "--out", str(out)]
+  assert cli.main(argv) == 0
+  capsys.readouterr()
+  width = recipe.DEFAULT_WIDTH["mlp"]
+  assert cli.main(argv + ["--resume", "--seed", "0", "--width", str(width)]) == 0
+  assert "nothing to resume" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match=r"resolved_seeds \[0\] -> \[1\]"):
+    cli.main(argv + ["--resume", "--seed", "1"])
+  with pytest.raises(SystemExit, match=r"sweep False -> True"):
+    cli.main(argv + ["--resume", "--widths", str(width)])
+
+
 def test_plots_of_diverged_runs_are_drawn(tmp_path):
   """A run whose losses are all NaN after step 0 (`--lr 1e300`), or a sweep whose figures are
   all NaN (`--widths 8 --lr-fraction 3`), has nothing to draw on a log axis: matplotlib raised
@@ -244,3 +261,25 @@ def test_plots_of_diverged_runs_are_drawn(tmp_path):
   row = dict.fromkeys(recipe.SWEEP_COLUMNS, nan) | {"width": 8, "seed": 0}
   recipe._save_sweep_plot(tmp_path / "sweep.png", [row], "diverged")
   assert (tmp_path / "plot.png").stat().st_size > 0 and (tmp_path / "sweep.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "4294967296"], "argument --seed: must be an integer in [0, 2**32)"),
+    (["--seeds", "0,4294967296"], "argument --seeds: values must be < 2**32"),
+    (["--seeds=-1,0"], "argument --seeds: values must be >= 0"),
+    (["--out", ""], "argument --out: must name a folder"),
+])
+def test_seeds_and_out_are_checked_when_parsed(flags, message, tmp_path, capsys):
+  """JAX keeps a seed's low 32 bits: 2**32 would silently replay seed 0's run."""
+  argv = ["curves", *TINY, "--out", str(tmp_path / "c"), *flags]
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv)
+  assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch):
+  path = tmp_path / "taken"
+  path.write_text("x")
+  monkeypatch.setattr(recipe, "_one_run", lambda *a, **k: pytest.fail("ran"))
+  with pytest.raises(SystemExit, match=r"--out '.*taken': it is a file, not a folder"):
+    cli.main(["curves", *TINY, "--out", str(path)])

@@ -345,6 +345,25 @@ def test_closed_forms_name_support_and_query_shapes_that_cannot_share_a_pass(nam
     meta.make_inner_loop(name, _linear).adapt(params, support, jnp.ones((5, 4)))
 
 
+@pytest.mark.parametrize("name", meta.CLOSED_FORMS)
+def test_closed_forms_refuse_query_of_another_kind_of_dtype(name):
+  """The joint pass casts the query to the support's dtype: float query points must not turn
+  into integer ids (0.7 -> 0) without a word, nor ids into floats."""
+  def embed(p, ids):
+    return p["table"][ids].sum(axis=1)
+  params = {"table": jnp.ones((5, 2))}
+  support = (jnp.array([[0, 1], [2, 3]]), jnp.array([0, 1]))
+  with pytest.raises(ValueError, match=rf"{name}: support x has dtype int\d+ and query_x "
+                                       r"float\d+; both must be integer"):
+    meta.make_inner_loop(name, embed).adapt(params, support, jnp.full((3, 2), 0.7))
+  float_support = (jnp.ones((4, 3)), jnp.array([0, 1, 0, 1]))
+  with pytest.raises(ValueError, match=rf"{name}: support x has dtype float\d+ and query_x int\d+"):
+    meta.make_inner_loop(name, _linear).adapt(
+        {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}, float_support, jnp.ones((5, 3), jnp.int32))
+  out = meta.make_inner_loop(name, embed).adapt(params, support, jnp.array([[1, 4], [0, 0]]))
+  assert out.shape == (2, 2) and bool(jnp.all(jnp.isfinite(out)))
+
+
 def test_closed_forms_record_vmap_axes_off_the_default():
   """`vmap_axes=None` changes the closed forms' math for a model that mixes examples, so the
   checkpoint fingerprint (built from `config`) must see it; the default stays unrecorded so

@@ -138,3 +138,10 @@ def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path, monkeypatch):
   assert _sources.is_prepared("mnist", str(tmp_path / "ready"))
   with pytest.raises(ModuleNotFoundError):
     load_dataset("tfds:mnist", data_dir=str(tmp_path / "ready"), n_train=4)
+
+
+def test_digits_refuses_a_data_dir():
+  """digits reads no directory: a data_dir given with it would be silently ignored."""
+  with pytest.raises(ValueError, match=r"`data_dir` applies to tfds datasets; 'digits' ships "
+                                       r"with scikit-learn .*data_dir='/data/tfds'"):
+    load_dataset("digits", data_dir="/data/tfds", n_train=4)

@@ -408,3 +408,8 @@ def test_non_finite_images_are_refused(images):
   with pytest.raises(ValueError, match=r"`x` holds non-finite values .* in 2 of its 40 "
                                        r"images, e.g. images \[7, 9\]"):
     FewShotSampler(x, y, n_way=2, k_shot=1, k_query=1)
+
+
+def test_digits_source_refuses_a_data_dir():
+  with pytest.raises(ValueError, match=r"`data_dir` applies to tfds datasets; 'digits'"):
+    load_few_shot_source("digits", data_dir="/data/tfds")

@@ -108,7 +108,7 @@ def _split_constants(f: Callable, params: PyTree) -> tuple[Callable, list, Calla
   keep = [_differentiable(p) for p in leaves]
   floats = [p for p, k in zip(leaves, keep) if k]
 
-  def f_floats(float_leaves, x, **kwargs):
+  def f_floats(float_leaves, x, /, **kwargs):
     it = iter(float_leaves)
     return f(treedef.unflatten([next(it) if k else p for p, k in zip(leaves, keep)]), x,
              **kwargs)
@@ -121,7 +121,8 @@ def _split_constants(f: Callable, params: PyTree) -> tuple[Callable, list, Calla
 
 
 def _check_output_pair(fx1: PyTree, fx2: PyTree, output_axes: axes_lib.OutputAxes,
-                       vmap_axes: Optional[batching.VmapAxes]) -> None:
+                       vmap_axes: Optional[batching.VmapAxes], x1: PyTree,
+                       x2: PyTree) -> None:
   if jax.tree.structure(fx1) != jax.tree.structure(fx2):
     raise ValueError("f(params, x1) and f(params, x2) have different output structures.")
   outs2 = jax.tree.leaves(fx2)
@@ -130,12 +131,32 @@ def _check_output_pair(fx1: PyTree, fx2: PyTree, output_axes: axes_lib.OutputAxe
       raise ValueError(f"f(params, x1) has an output of shape {o1.shape} but f(params, x2) "
                        f"{o2.shape}.")
     trace, diagonal = output_axes.for_rank(o1.ndim)
-    for a in trace | diagonal:
+    for a in sorted(trace | diagonal):
       if o1.shape[a] != o2.shape[a]:
-        raise ValueError(f"Output axis {a} is traced or diagonal but has size {o1.shape[a]} "
-                         f"for x1 and {o2.shape[a]} for x2.")
+        name = "trace_axes" if a in trace else "diagonal_axes"
+        given = output_axes.trace_axes if a in trace else output_axes.diagonal_axes
+        raise ValueError(
+            f"`{name}`={given} makes output axis {a} {name.split('_')[0]} (matching x1 and "
+            f"x2 entries), but f(params, x1) has shape {o1.shape} and f(params, x2) "
+            f"{o2.shape}: that axis has size {o1.shape[a]} vs {o2.shape[a]}; it needs the "
+            "same size on both sides (for the batch axis: as many examples in x1 as in x2).")
   if vmap_axes is not None:
-    vmap_axes.leaf_out_axes(fx1)
+    for name, x, fx in (("x1", x1, fx1), ("x2", x2, fx2)):
+      _check_out_batch(vmap_axes, x, fx, name)
+
+
+def _check_out_batch(vmap_axes: batching.VmapAxes, x: PyTree, fx: PyTree, name: str) -> None:
+  """Every batched output leaf must have one entry per example along its `out_axes`: the
+  per-example path rebuilds outputs from single examples, so a wrong `out_axes` (or a model
+  that is not per-example, e.g. outputs (K, N)) would otherwise give a wrong kernel or an
+  obscure shape error deep inside the implementation."""
+  n = vmap_axes.batch_size(x)
+  for o, a in zip(jax.tree.leaves(fx), vmap_axes.leaf_out_axes(fx)):
+    if a is not None and o.shape[a] != n:
+      raise ValueError(
+          f"`vmap_axes` out_axes={vmap_axes.out_axes} puts the batch axis of an output leaf of "
+          f"f(params, {name}), shape {o.shape}, at axis {a}, which has {o.shape[a]} entries; "
+          f"expected {n}, the batch size of {name} along in_axes={vmap_axes.in_axes}.")
 
 
 def _resolve(implementation, f, params, x1, x2, kwargs, output_axes, vmap_axes, fx1, fx2):
@@ -180,11 +201,12 @@ def _ntk(f, params, x1, x2, kwargs, output_axes, vmap_axes, implementation,
   _check_inputs(x1, x2, vmap_axes)
   fx1 = _output_shapes(f, params, x1, kwargs, "x1")
   fx2 = fx1 if x2 is None else _output_shapes(f, params, x2, kwargs, "x2")
-  _check_output_pair(fx1, fx2, output_axes, vmap_axes)
+  _check_output_pair(fx1, fx2, output_axes, vmap_axes, x1, x1 if x2 is None else x2)
   if vmap_axes is None and _provably_per_example(f, params, x1, x2, kwargs):
     vmap_axes = batching.VmapAxes(0, 0, {})
   if vmap_axes is not None and None in vmap_axes.leaf_out_axes(fx1):
     implementation = _for_unbatched_outputs(implementation)
+  f, kwargs, vmap_axes = _private_kwargs(f, kwargs, vmap_axes)
   implementation = _resolve(implementation, f, params, x1, x2, kwargs, output_axes,
                             vmap_axes, fx1, fx2)
   if implementation in (NtkImplementation.JACOBIAN_CONTRACTION,
@@ -200,14 +222,40 @@ def _ntk(f, params, x1, x2, kwargs, output_axes, vmap_axes, implementation,
       return ntk_vector_products.ntk(f, params, x1, x2, kwargs, output_axes, vmap_axes,
                                      fx1, fx2)
     leaves, treedef = jax.tree.flatten(params)
-    parts = []
-    for i in range(len(leaves)):
-      def f_leaf(leaf, x, i=i, **kw):
-        return f(treedef.unflatten(leaves[:i] + [leaf] + leaves[i + 1:]), x, **kw)
-      parts.append(ntk_vector_products.ntk(f_leaf, leaves[i], x1, x2, kwargs, output_axes,
-                                           vmap_axes, fx1, fx2))
+    parts = [ntk_vector_products.ntk(_of_leaf(f, leaves, treedef, i), leaves[i], x1, x2,
+                                     kwargs, output_axes, vmap_axes, fx1, fx2)
+             for i in range(len(leaves))]
     return treedef.unflatten(parts)
   raise ValueError(f"Unknown implementation {implementation!r}.")
+
+
+def _of_leaf(f: Callable, leaves: list, treedef, i: int) -> Callable:
+  """`f` as a function of parameter leaf `i` alone, the others held at `leaves`."""
+  def f_leaf(leaf, x, /, **kwargs):
+    return f(treedef.unflatten(leaves[:i] + [leaf] + leaves[i + 1:]), x, **kwargs)
+  return f_leaf
+
+
+_KWARG_PREFIX = "_ntk_kwarg_"
+
+
+def _private_kwargs(f: Callable, kwargs: dict, vmap_axes: Optional[batching.VmapAxes]):
+  """Renames the kwargs meant for `f` so that none can collide with a parameter name of the
+  internal functions that forward `**kwargs` to it (a dropout rate `p`, an input `x`, an
+  index `i`...). Returns (f taking the renamed kwargs, renamed kwargs, vmap_axes with its
+  kwargs_axes renamed)."""
+  if not kwargs:
+    return f, kwargs, vmap_axes
+  cut = len(_KWARG_PREFIX)
+
+  def f_renamed(params, x, /, **kw):
+    return f(params, x, **{k[cut:]: v for k, v in kw.items()})
+
+  if vmap_axes is not None:
+    vmap_axes = batching.VmapAxes(
+        vmap_axes.in_axes, vmap_axes.out_axes,
+        {_KWARG_PREFIX + k: a for k, a in vmap_axes.kwargs_axes.items()})
+  return f_renamed, {_KWARG_PREFIX + k: v for k, v in kwargs.items()}, vmap_axes
 
 
 def _rng_per_side(key: jax.Array, x1: PyTree, x2: PyTree) -> tuple[jax.Array, jax.Array]:
@@ -236,7 +284,7 @@ def _per_side(f: Callable, x1: PyTree, x2: Optional[PyTree], kwargs: dict,
     return f, x1, x2, kwargs, vmap_axes
   shared = {k: v for k, v in kwargs.items() if k not in sided}
 
-  def f_sided(params, x, **kw):
+  def f_sided(params, x, /, **kw):
     inputs, side = x
     return f(params, inputs, **kw, **side)
 
@@ -306,9 +354,11 @@ def empirical_ntk_fn(f: Callable[..., PyTree], trace_axes: Axes = (-1,),
       per-example kernel Θ(x_i, x_i).
     vmap_axes: None, an int, or `(in_axes, out_axes, kwargs_axes)`: certifies that output
       entries along `out_axes` depend only on the inputs along `in_axes`, so derivatives are
-      taken per example. With None, the jaxpr of `f` is analysed and the per-example path
-      (axis 0) is taken only when independence is proven; models that mix examples (batch
-      statistics, attention across the batch) keep the whole-batch path.
+      taken per example; each batched output leaf must have as many entries along its
+      out_axes as the inputs have examples (else a `ValueError`). With None, the jaxpr of
+      `f` is analysed and the per-example path (axis 0) is taken only when independence is
+      proven; models that mix examples (batch statistics, attention across the batch) keep
+      the whole-batch path.
     implementation: an `NtkImplementation`.
     per_parameter: if True, return the contributions of every parameter leaf (a pytree of
       `params`' structure whose leaves are kernels; they sum to Θ).
@@ -335,7 +385,7 @@ def _nngp(f, params, x1, x2, kwargs, output_axes) -> PyTree:
   _check_inputs(x1, x2, None)
   fx1 = _output_shapes(f, params, x1, kwargs, "x1")
   fx2 = fx1 if x2 is None else _output_shapes(f, params, x2, kwargs, "x2")
-  _check_output_pair(fx1, fx2, output_axes, None)
+  _check_output_pair(fx1, fx2, output_axes, None, x1, x2)
   out1 = f(params, x1, **kwargs)
   out2 = out1 if x2 is None else f(params, x2, **kwargs)
   return jax.tree.map(lambda a, b: axes_lib.contract(a, b, a.shape, output_axes), out1, out2)

@@ -27,6 +27,7 @@ import math
 import os
 import pathlib
 import time
+import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import jax
@@ -119,6 +120,28 @@ def _signature(x1, x2, params, kwargs) -> str:
                      jax.__version__])
 
 
+def _read_cache(path: pathlib.Path) -> dict:
+  """The autotune cache at `path` as {key: implementation name}; {} if there is none.
+
+  The cache only saves time, so a file that cannot be parsed as a JSON object (truncated by
+  a crash, emptied, written by something else) is ignored with a warning, then rewritten.
+  """
+  try:
+    data = path.read_bytes()
+  except FileNotFoundError:
+    return {}
+  try:
+    stored = json.loads(data)
+  except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+    stored = e
+  if not isinstance(stored, dict):
+    warnings.warn(f"autotuned_ntk_fn: ignoring the unreadable autotune cache {path} "
+                  f"({stored!s:.100}); it is rewritten with the new measurements.",
+                  stacklevel=3)
+    return {}
+  return stored
+
+
 def autotuned_ntk_fn(f: Callable[..., PyTree], trace_axes=(-1,), diagonal_axes=(),
                      vmap_axes: Any = None, *, cache_path: Optional[str | os.PathLike] = None,
                      candidates: Optional[Iterable] = None, repeats: int = 1
@@ -129,15 +152,18 @@ def autotuned_ntk_fn(f: Callable[..., PyTree], trace_axes=(-1,), diagonal_axes=(
   candidate implementation is compiled, run once to warm up and timed `repeats` times; the
   fastest is remembered for the process and, with `cache_path`, in a JSON file keyed also by a
   hash of `f`'s jaxpr (so a changed model is tuned again). Candidates that fail (for example
-  out of memory) are skipped. Under an outer `jax.jit` nothing can be timed, so the analytic
-  AUTO choice is used.
+  out of memory) are skipped; if all fail, the first one's error is raised (bad arguments
+  give the same `ValueError` as `empirical_ntk_fn`). A cache file that is not a JSON object
+  (truncated, emptied) is ignored with a warning and rewritten. Under an outer `jax.jit`
+  nothing can be timed, so the analytic AUTO choice is used.
 
   Returns `ntk_fn(x1, x2, params, **kwargs)` with `empirical_ntk_fn`'s semantics; its
   attribute `choices` maps each signature to the chosen implementation's name.
   """
   from ntk_dynamics.kernels.api import NtkImplementation as Impl
   from ntk_dynamics.kernels.api import empirical_ntk_fn
-  if repeats < 1:
+  if (isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer))
+      or repeats < 1):
     raise ValueError(f"`repeats` must be a positive integer, got {repeats!r}.")
   candidates = list(candidates or (Impl.STRUCTURED_DERIVATIVES, Impl.JACOBIAN_CONTRACTION,
                                    Impl.NTK_VECTOR_PRODUCTS))
@@ -152,7 +178,7 @@ def autotuned_ntk_fn(f: Callable[..., PyTree], trace_axes=(-1,), diagonal_axes=(
     return hashlib.sha256(text.encode()).hexdigest()
 
   def measure(x1, x2, params, kwargs):
-    best, best_time = None, math.inf
+    best, best_time, errors = None, math.inf, []
     for impl, fn in fns.items():
       try:
         jax.block_until_ready(fn(x1, x2, params, **kwargs))
@@ -160,12 +186,15 @@ def autotuned_ntk_fn(f: Callable[..., PyTree], trace_axes=(-1,), diagonal_axes=(
         for _ in range(repeats):
           jax.block_until_ready(fn(x1, x2, params, **kwargs))
         seconds = (time.perf_counter() - t0) / repeats
-      except Exception:  # noqa: BLE001 - a failing candidate is simply not chosen
+      except Exception as e:  # noqa: BLE001 - a failing candidate is simply not chosen
+        errors.append((impl, e))
         continue
       if seconds < best_time:
         best, best_time = impl, seconds
     if best is None:
-      raise RuntimeError("autotuned_ntk_fn: every candidate implementation failed.")
+      # Usually bad arguments, which every candidate rejects with the same message: raise
+      # the first candidate's own error (it names the argument) rather than a generic one.
+      raise errors[0][1]
     return best
 
   def ntk_fn(x1, x2, params, **kwargs):
@@ -174,13 +203,13 @@ def autotuned_ntk_fn(f: Callable[..., PyTree], trace_axes=(-1,), diagonal_axes=(
     sig = _signature(x1, x2, params, kwargs)
     if sig not in choices and cache_path is not None:
       path = pathlib.Path(cache_path)
-      stored = json.loads(path.read_text()) if path.exists() else {}
+      stored = _read_cache(path)
       key = disk_key(sig, x1, params, kwargs)
-      if stored.get(key) in {impl.name for impl in fns}:
+      if isinstance(stored.get(key), str) and stored[key] in {impl.name for impl in fns}:
         choices[sig] = stored[key]
       else:
         choices[sig] = measure(x1, x2, params, kwargs).name
-        stored = json.loads(path.read_text()) if path.exists() else {}
+        stored = _read_cache(path)  # re-read: another process may have added entries
         stored[key] = choices[sig]
         runs.atomic_write_json(path, stored)
     elif sig not in choices:

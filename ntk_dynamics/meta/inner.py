@@ -343,6 +343,13 @@ def _closed_form_loop(name: str, f: ApplyFn, *, inner_steps: int, inner_lr: floa
       raise ValueError(f"{name}: support x {x.shape} and query_x {jnp.shape(query_x)} must hold "
                        f"examples of one shape {x.shape[1:]} to be evaluated in one pass; pass "
                        "vmap_axes=None for a model that takes the two sets apart.")
+    if joint and (jnp.issubdtype(jnp.result_type(query_x), jnp.inexact)
+                  != jnp.issubdtype(x.dtype, jnp.inexact)):
+      # The joint pass casts the query to the support's dtype: float query points cast to
+      # integer ids (or the reverse) would be silently different inputs.
+      raise ValueError(f"{name}: support x has dtype {x.dtype} and query_x "
+                       f"{jnp.result_type(query_x)}; both must be integer (e.g. token ids) "
+                       "or both floating point.")
     if joint:   # one pass over support ∪ query: only when outputs are per example
       x_all = jnp.concatenate([x, jnp.asarray(query_x, x.dtype)], axis=0)
       out_all = f(params, x_all)

@@ -13,7 +13,7 @@ output entries, gives every cotangent ∂f/∂y_u. Each leaf then picks the chea
   B. contract the two sides' term networks directly, e.g. for a dense layer
      (x1 x2ᵀ) ∘ (ct1 ct2ᵀ), never forming a Jacobian,
 
-by counting multiply-adds with the exact contraction order each would use. Output axes are
+by estimating the time of the exact contraction order each would use (`_time`). Output axes are
 labels of those networks: traced axes are shared and summed, diagonal axes shared and kept,
 so no O×O block is formed that the requested kernel does not need.
 """
@@ -249,6 +249,25 @@ def _cost(ops, out) -> int:
   for o in ops:
     sizes.update(o.sizes())
   return network.cost([o.labels for o in ops], out, sizes)
+
+
+# What one element read or written by a pairwise product costs, in multiply-adds: a product
+# with a small dimension (a sum over 12 steps, 10 outputs kept) is bound by moving its
+# operands and result, through XLA:CPU's transposes, not by arithmetic. Measured on two
+# cores: the structured pair of a 12-step LSTM's recurrent weight needs 3.4x fewer
+# multiply-adds than its Jacobians but moves 8M-element intermediates and ran 1.8x slower.
+# 32-128 all choose alike on the benchmark sweeps; used for choosing only.
+MACS_PER_ELEMENT = 64
+
+
+def _time(ops, out) -> int:
+  """Σ over the contraction's pairwise products of max(multiply-adds, MACS_PER_ELEMENT ×
+  elements read and written): a roofline estimate in multiply-add units."""
+  sizes = {}
+  for o in ops:
+    sizes.update(o.sizes())
+  return sum(max(macs, MACS_PER_ELEMENT * moved)
+             for macs, moved in network.steps([o.labels for o in ops], out, sizes))
 
 
 def _is_output_label(l) -> bool:
@@ -523,6 +542,12 @@ def _stacked_jacobian(jacs: list):
   Jacobian at one step is x ⊗ ct) leaves XLA an elementwise loop: 380 ms against 10 ms for a
   128-wide recurrent weight used at 16 steps, N·O = 320."""
   first = jacs[0]
+  return first.finish(_contract(_stacked_ops(jacs), first.out, first.ctx.cache))
+
+
+def _stacked_ops(jacs: list) -> list:
+  """The operands of equal-`stack_key` uses stacked along one summed use label."""
+  first = jacs[0]
   use = ("use", first.s, first.term.leaf, first.term.site)
   ops = []
   for p, op in enumerate(first.ops):
@@ -531,7 +556,27 @@ def _stacked_jacobian(jacs: list):
     ops.append(_Op((use,) + op.labels, (len(jacs),) + op.shape,
                    lambda members=members: jnp.stack([m.thunk() for m in members]),
                    ident=None if None in idents else ("stack",) + tuple(idents)))
-  return first.finish(_contract(ops, first.out, first.ctx.cache))
+  return ops
+
+
+def _use_groups(jacs: list) -> list:
+  """The uses of one leaf grouped by `stack_key` (a group of one: a use on its own)."""
+  groups: dict = {}
+  for i, jac in enumerate(jacs):
+    key = jac.stack_key()
+    groups.setdefault(i if key is None else key, []).append(jac)
+  return list(groups.values())
+
+
+def _jacobian_time(jacs: list) -> int:
+  """`_time` of forming one side's Jacobian of a leaf (as `_leaf_jacobian` does)."""
+  total = 0
+  for g in _use_groups(jacs):
+    if not g[0].term.einsum:
+      total += sum(j.cost for j in g)
+    else:
+      total += _time(g[0].ops if len(g) == 1 else _stacked_ops(g), g[0].out)
+  return total
 
 
 # --------------------------------------------------------------------------- one kernel
@@ -583,20 +628,17 @@ def _cotangent_bytes(ctx: _Ctx, terms: list) -> int:
 
 def _leaf_jacobian(ctx: _Ctx, terms: list):
   """Side 1's per-output-entry Jacobian (lead..., θ) of one parameter leaf: Σ over uses."""
-  groups: dict = {}
-  for i, t in enumerate(terms):
-    jac = _Jacobian(ctx, 1, t, i)
-    key = jac.stack_key()
-    groups.setdefault(i if key is None else key, []).append(jac)
-  values = [g[0].value() if len(g) == 1 else _stacked_jacobian(g) for g in groups.values()]
+  groups = _use_groups([_Jacobian(ctx, 1, t, i) for i, t in enumerate(terms)])
+  values = [g[0].value() if len(g) == 1 else _stacked_jacobian(g) for g in groups]
   return values[0] if len(values) == 1 else sum(values)
 
 
 def _plan_leaf(ctx: _Ctx, terms1: list, terms2: list, symmetric: bool,
                chunked: bool = False) -> _Plan:
-  """The cheaper of Jacobians (A) and the structured network (B). On a tie with chunked
-  sides, A when a site's whole-batch cotangent exceeds a chunk: A forms its Jacobians chunk
-  by chunk, B would hold that cotangent whole (small ones are cheaper in B's layouts)."""
+  """The faster by `_time` of Jacobians (A) and the structured network (B); the plan's
+  `cost` counts multiply-adds. On a tie with chunked sides, A when a site's whole-batch
+  cotangent exceeds a chunk: A forms its Jacobians chunk by chunk, B would hold that
+  cotangent whole (small ones are cheaper in B's layouts)."""
   out = ctx.out_labels
   # A: materialised Jacobians.
   jac1 = [_Jacobian(ctx, 1, t, i) for i, t in enumerate(terms1)]
@@ -624,10 +666,14 @@ def _plan_leaf(ctx: _Ctx, terms1: list, terms2: list, symmetric: bool,
   for i, j in pairs:
     ops, scale = _pair_ops(ctx, terms1[i], i, terms2[j], j)
     nets.append((i, j, ops, scale))
-  cost_b = sum(_cost(ops, out) for _, _, ops, _ in nets)
-  if cost_b > cost_a or (chunked and cost_b == cost_a
+  gram = [_Op(side_labels[0], shape1, None), _Op(side_labels[1], shape2, None)]
+  time_a = (_jacobian_time(jac1) + (0 if symmetric else _jacobian_time(jac2))
+            + _time(gram, out))
+  time_b = sum(_time(ops, out) for _, _, ops, _ in nets)
+  if time_b > time_a or (chunked and time_b == time_a
                          and _cotangent_bytes(ctx, terms1) > CHUNK_BYTES):
     return plan
+  cost_b = sum(_cost(ops, out) for _, _, ops, _ in nets)
 
   def run_b():
     total = None

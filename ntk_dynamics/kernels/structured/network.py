@@ -84,6 +84,40 @@ def cost(label_sets: Sequence[Sequence[Hashable]], out: Sequence[Hashable],
   return _plan(key[0], key[1], _sized(key, sizes))[0]
 
 
+def steps(label_sets: Sequence[Sequence[Hashable]], out: Sequence[Hashable],
+          sizes: dict) -> list:
+  """[(multiply-adds, elements read and written)] of each step of the cheapest contraction."""
+  outset = set(out)
+  label_sets = [tuple(l for l in s if sizes[l] != 1 or l in outset) for s in label_sets]
+  key = _key(label_sets, out)
+  _, tree = _plan(key[0], key[1], _sized(key, sizes))
+  sz = dict(_sized(key, sizes))
+  sets = [frozenset(s) for s in key[0]]
+  prod = lambda ls: math.prod(sz[l] for l in ls)
+  found = []
+
+  def leaves(t):
+    return [t] if isinstance(t, int) else leaves(t[0]) + leaves(t[1])
+
+  def result(idx):
+    need = set(key[1]).union(*(sets[j] for j in range(len(sets)) if j not in idx))
+    return frozenset(set().union(*(sets[i] for i in idx)) & need)
+
+  def run(t):
+    if isinstance(t, int):
+      r = result({t})
+      if r != sets[t]:
+        found.append((prod(sets[t]), prod(sets[t]) + prod(r)))
+      return r
+    a, b = run(t[0]), run(t[1])
+    r = result(set(leaves(t)))
+    found.append((prod(a | b), prod(a) + prod(b) + prod(r)))
+    return r
+
+  run(tree)
+  return found
+
+
 def _key(label_sets, out):
   names: dict = {}
   canon = lambda l: names.setdefault(l, len(names))

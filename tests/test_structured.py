@@ -692,7 +692,7 @@ def _lstm(p, x):                     # x: (T, 16) for one example
 def test_plan_choice_counts_elements_moved(monkeypatch):
   """A 12-step LSTM's recurrent weight (80x256, N=16, 10 outputs): its structured pair needs
   3.4x fewer multiply-adds than its Jacobians but moves 8M-element intermediates, and ran
-  1.8x slower. The choice counts both; the reported cost stays multiply-adds."""
+  1.3x slower (whole kernel). The choice counts both; the reported cost stays multiply-adds."""
   params = {"w": jax.ShapeDtypeStruct((80, 256), jnp.float32),
             "b": jax.ShapeDtypeStruct((256,), jnp.float32),
             "out": jax.ShapeDtypeStruct((64, 10), jnp.float32)}

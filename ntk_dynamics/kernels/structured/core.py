@@ -255,8 +255,9 @@ def _cost(ops, out) -> int:
 # with a small dimension (a sum over 12 steps, 10 outputs kept) is bound by moving its
 # operands and result, through XLA:CPU's transposes, not by arithmetic. Measured on two
 # cores: the structured pair of a 12-step LSTM's recurrent weight needs 3.4x fewer
-# multiply-adds than its Jacobians but moves 8M-element intermediates and ran 1.8x slower.
-# 32-128 all choose alike on the benchmark sweeps; used for choosing only.
+# multiply-adds than its Jacobians but moves 8M-element intermediates and ran 1.3x slower.
+# On the benchmark sweeps only that LSTM and a transformer change plans between 16 and 128
+# (both faster at 64). Used for choosing only: reported costs stay multiply-adds.
 MACS_PER_ELEMENT = 64
 
 

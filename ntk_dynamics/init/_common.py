@@ -129,6 +129,62 @@ def output_shape(fn: str, f: Callable, params: PyTree, x: PyTree) -> tuple[int, 
   return tuple(out.shape)
 
 
+def resolve_trace_axes(fn: str, out_shape: tuple[int, ...], trace_axes: Sequence[int]
+                       ) -> tuple[int, ...]:
+  """`trace_axes` as the kernel functions should get them, for outputs of shape `out_shape`.
+
+  Axis 0 holds the examples and cannot be traced; an axis outside the output's rank is an
+  error (a modulo would silently pick another one). One-dimensional outputs (N,) have no
+  logit axis, so the default `(-1,)` gives `()`: traced and full kernels are the same (N, N).
+  """
+  try:
+    axes = tuple(int(a) for a in trace_axes)
+  except TypeError as e:
+    raise ValueError(f"{fn}: `trace_axes` must be a sequence of ints, got {trace_axes!r}."
+                     ) from e
+  rank = len(out_shape)
+  if rank == 1 and axes == (-1,):
+    return ()
+  bad = [a for a in axes if not -rank <= a < rank or a % rank == 0]
+  if bad:
+    allowed = (f"only the output axes 1..{rank - 1} (or -{rank - 1}..-1) can be traced"
+               if rank > 1 else "they have no axis but the batch axis: use (-1,) or ()")
+    raise ValueError(f"{fn}: `trace_axes`={axes} for outputs of shape {tuple(out_shape)}: "
+                     f"{bad} is the batch axis 0 or out of range; {allowed}.")
+  return tuple(sorted({a % rank for a in axes}))
+
+
+def check_bounds(fn: str, bounds: Any) -> tuple[float, float]:
+  """`bounds` = (lo, hi) on multiplicative scales, with 0 < lo ≤ 1 ≤ hi < inf (so the
+  unscaled model is inside the box); returns them as floats."""
+  try:
+    lo, hi = (float(b) for b in bounds)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{fn}: `bounds` must be a pair (lo, hi) of numbers, got {bounds!r}."
+                     ) from e
+  if not (0 < lo <= 1 <= hi and math.isfinite(hi)):
+    raise ValueError(f"{fn}: `bounds` must satisfy 0 < lo ≤ 1 ≤ hi < inf, got {bounds}.")
+  return lo, hi
+
+
+def check_real(fn: str, name: str, value: Any, *, positive: bool = True, hint: str = ""
+               ) -> float:
+  """`value` as a float if it is a finite real scalar (Python, numpy or 0-d array) > 0 (≥ 0
+  unless `positive`); raises ValueError naming the argument (and `hint`) otherwise."""
+  try:
+    ok = (not isinstance(value, (bool, np.bool_, str)) and np.ndim(value) == 0
+          and not isinstance(value, jax.core.Tracer)
+          and jnp.issubdtype(jnp.result_type(value), jnp.number)
+          and not jnp.issubdtype(jnp.result_type(value), jnp.complexfloating))
+  except TypeError:  # objects JAX has no dtype for
+    ok = False
+  v = float(value) if ok else math.nan
+  if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
+    raise ValueError(f"{fn}: `{name}` must be a finite number {'>' if positive else '>='} 0"
+                     f"{hint}, got {value!r}.")
+  return v
+
+
 def eigh(matrix: np.ndarray, eigenvectors: bool = True):
   """numpy `eigh`/`eigvalsh`, single-threaded BLAS for small matrices: with a multi-threaded
   OpenBLAS next to XLA's threads a 128×128 eigh measured 80 ms of CPU, single-threaded 2 ms."""
@@ -179,7 +235,8 @@ def ntk_kernel(f: Callable, params: PyTree, x: PyTree, *, trace_axes: Sequence[i
 
 
 def kernel_matvec(f: Callable, params: PyTree, x: PyTree, out_shape: tuple[int, ...],
-                  trace_axes: Sequence[int] = (-1,)) -> tuple[Callable, tuple[int, ...]]:
+                  trace_axes: Sequence[int] = (-1,), fn: str = "kernel_matvec"
+                  ) -> tuple[Callable, tuple[int, ...]]:
   """Matrix-free `v -> Θ v` on the flattened kernel, from `ntk_vp_fn` (Θ never formed).
 
   Traced logits (trace_axes=(-1,)): Θ_tr = (1/K) Σ_k Θ[:, k, :, k], one NTK-vector product per
@@ -204,8 +261,9 @@ def kernel_matvec(f: Callable, params: PyTree, x: PyTree, out_shape: tuple[int, 
       cols = jax.vmap(vp)(cots)                                 # (K, N, K)
       return jnp.mean(jnp.diagonal(cols, axis1=0, axis2=2), axis=-1)
   else:
-    raise ValueError(f"matrix-free kernels support trace_axes=(-1,) or () for (N, K) "
-                     f"outputs; got trace_axes={tuple(trace_axes)} for outputs {out_shape}.")
+    raise ValueError(f"{fn}: matrix-free kernels support trace_axes=(-1,) or () for (N, K) "
+                     f"outputs; got trace_axes={tuple(trace_axes)} for outputs {out_shape} "
+                     "(use method='eigh' or trace_axes=()).")
   return jax.jit(matvec), shape
 
 

@@ -69,9 +69,12 @@ def soft_log_condition(lam: np.ndarray, tau: float, cap: int) -> tuple[float, np
     w_max, w_min = np.eye(n)[-1], np.eye(n)[0]
     value = a[-1] - a[0]
   else:
-    l_max, l_min = np.logaddexp.reduce(a / tau), np.logaddexp.reduce(-a / tau)
-    w_max, w_min = np.exp(a / tau - l_max), np.exp(-a / tau - l_min)
-    value = tau * (l_max + l_min)
+    # Shifted by the extremes first: a/τ itself overflows for tiny τ (then NaN weights).
+    with np.errstate(over="ignore"):  # → −inf: weight 0, as it should be
+      z_max, z_min = (a - a.max()) / tau, (a.min() - a) / tau
+    l_max, l_min = np.logaddexp.reduce(z_max), np.logaddexp.reduce(z_min)
+    w_max, w_min = np.exp(z_max - l_max), np.exp(z_min - l_min)
+    value = a.max() - a.min() + tau * (l_max + l_min)
 
   def cut(w):
     keep = np.zeros(n, bool)
@@ -196,7 +199,9 @@ def search_init_scales(model: Any, params: PyTree, x: PyTree, *,
     scalable: `(leaf_name, leaf) -> bool`, which leaves get a scale.
     gradient: "eigvec" (fast, Hellmann–Feynman) or "autodiff" (through the kernel).
     y: targets (N, K) for `objective="gradinit"`.
-    gradinit_lr: η of the lookahead step (default: 0.5·η_max of Θ(θ⁰), dynamics' units).
+    gradinit_lr: η of the lookahead step (default: 0.5·η_max of Θ(θ⁰) with these
+      `trace_axes`, dynamics' units; a traced kernel's λ_max is a lower bound on the full
+      kernel's, so with (-1,) this can exceed half the full kernel's stable step).
     gradinit_max_grad_norm: γ (default: ‖∇L(θ⁰)‖, i.e. the gradient may not grow).
     trace_axes, implementation, vmap_axes: kernel options (`vmap_axes=0` also lets the trace
       use per-example Jacobians; None falls back to full-batch products).
@@ -213,19 +218,22 @@ def search_init_scales(model: Any, params: PyTree, x: PyTree, *,
     raise ValueError(f"{fn}: `objective` must be one of {OBJECTIVES}, got {objective!r}.")
   if gradient not in ("eigvec", "autodiff"):
     raise ValueError(f"{fn}: `gradient` must be 'eigvec' or 'autodiff', got {gradient!r}.")
-  lo, hi = bounds
-  if not (0 < lo <= 1 <= hi and math.isfinite(hi)):
-    raise ValueError(f"{fn}: `bounds` must satisfy 0 < lo ≤ 1 ≤ hi < inf, got {bounds}.")
-  if not isinstance(steps, int) or steps < 0:
+  lo, hi = _common.check_bounds(fn, bounds)
+  if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)) \
+      or steps < 0:
     raise ValueError(f"{fn}: `steps` must be a non-negative int, got {steps!r}.")
-  if optimizer is None and not (isinstance(learning_rate, (int, float))
-                                and math.isfinite(learning_rate) and learning_rate > 0):
-    raise ValueError(f"{fn}: `learning_rate` must be a finite number > 0, got "
-                     f"{learning_rate!r}.")
-  if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-          and temperature >= 0):
-    raise ValueError(f"{fn}: `temperature` must be a finite number >= 0 (0: exact log κ), "
-                     f"got {temperature!r}.")
+  steps = int(steps)
+  if optimizer is None:  # numpy scalars too (np.float32 is no Python float)
+    learning_rate = _common.check_real(fn, "learning_rate", learning_rate)
+  temperature = _common.check_real(fn, "temperature", temperature, positive=False,
+                                   hint=" (0: exact log κ)")
+  initial_trace = isinstance(trace_target, str) and trace_target == "initial"
+  if not (trace_target is None or initial_trace):
+    if isinstance(trace_target, str):
+      raise ValueError(f"{fn}: `trace_target` must be 'initial', None or a number > 0, got "
+                       f"{trace_target!r}.")
+    trace_target = _common.check_real(fn, "trace_target", trace_target,
+                                      hint=" ('initial' or None for the others)")
   f = _common.as_f(model, fn)
   _common.check_params(fn, params)
   out_shape = _common.output_shape(fn, f, params, x)
@@ -303,9 +311,10 @@ def search_init_scales(model: Any, params: PyTree, x: PyTree, *,
     k = k if not full else k.transpose(0, 2, 1, 3).reshape(n_ex * k_out, -1)
     lam = jnp.linalg.eigvalsh((k + k.T) / 2)
     a = jnp.log(jnp.maximum(lam, jnp.finfo(lam.dtype).tiny))
-    if temperature > 0:
-      return temperature * (jax.nn.logsumexp(a / temperature)
-                            + jax.nn.logsumexp(-a / temperature))
+    if temperature > 0:  # shifted as in `soft_log_condition` (a/τ overflows for tiny τ)
+      hi, lo = jax.lax.stop_gradient(a[-1]), jax.lax.stop_gradient(a[0])
+      return (hi - lo + temperature * (jax.nn.logsumexp((a - hi) / temperature)
+                                       + jax.nn.logsumexp((lo - a) / temperature)))
     return a[-1] - a[0]
 
   t0 = time.perf_counter()
@@ -321,13 +330,10 @@ def search_init_scales(model: Any, params: PyTree, x: PyTree, *,
   tr0 = float(lam0.sum())
   if objective == "gradinit" or trace_target is None:
     target = None
-  elif trace_target == "initial":
+  elif initial_trace:
     target = tr0
   else:
-    target = float(trace_target)
-    if not (math.isfinite(target) and target > 0):
-      raise ValueError(f"{fn}: `trace_target` must be 'initial', None or a number > 0, got "
-                       f"{trace_target!r}.")
+    target = trace_target
 
   if objective == "gradinit":
     half = n_ex // 2

@@ -101,23 +101,35 @@ def kernel_spectrum(kernel: Any, top_k: int = 10, *, name: str = "kernel_spectru
                     ) -> NtkSpectrum:
   """Exact spectrum (float64 `eigh`) of a given kernel, zipped (N, N) or (N, N, K, K).
 
-  The kernel must be symmetric (max |K − Kᵀ| ≤ √eps₃₂ · max |K|) and positive semi-definite up
-  to rounding (λ_min ≥ −max(10·A·eps, √eps)·λ_max at the kernel's precision eps, and λ_max > 0
-  unless the kernel is zero); otherwise ValueError, with the figures.
+  The kernel must be symmetric (max |K − Kᵀ| ≤ √eps₃₂ · max |K|, √eps of its own dtype for
+  float16/bfloat16 kernels) and positive semi-definite up to rounding (λ_min ≥
+  −max(10·A·eps, √eps)·λ_max at the kernel's precision eps, and λ_max > 0 unless the kernel
+  is zero); otherwise ValueError, with the figures.
   """
   if not isinstance(top_k, int) or top_k < 1:  # as ntk_spectrum: 0 or -1 would slice silently
     raise ValueError(f"{name}: `top_k` must be a positive int, got {top_k!r}.")
   k_dtype = jnp.result_type(kernel) if hasattr(kernel, "dtype") else np.float64
   eps_dtype = np.dtype(k_dtype) if jnp.issubdtype(k_dtype, jnp.floating) else np.float64
-  eps = float(np.finfo(eps_dtype).eps)
+  eps = float(jnp.finfo(eps_dtype).eps)  # jnp: np.finfo does not know bfloat16
   m = _common.kernel_matrix(kernel, name)
   if m.shape[0] == 0:
     raise ValueError(f"{name}: the kernel is empty (0 examples).")
   shape = tuple(np.shape(kernel))
-  _dyn_inputs.check_symmetric(name, "kernel", _dyn_inputs.zipped_to_matrix(
-      np.asarray(kernel, np.float64)), shape)
+  raw = _dyn_inputs.zipped_to_matrix(np.asarray(kernel, np.float64))
+  if eps <= np.finfo(np.float32).eps:
+    _dyn_inputs.check_symmetric(name, "kernel", raw, shape)
+  else:  # half precision: J₁J₂ᵀ and J₂J₁ᵀ round apart by up to ~√eps (not √eps₃₂) relative
+    asym, tol = float(np.max(np.abs(raw - raw.T))), math.sqrt(eps) * float(np.max(np.abs(raw)))
+    if asym > tol:
+      raise ValueError(f"{name}: `kernel` (shape {shape}) is not symmetric: max |K - Kᵀ| = "
+                       f"{asym:.3g} exceeds {tol:.3g} (√eps × max |K| at {np.dtype(eps_dtype)}"
+                       "). Pass the train-train kernel Θ(x_train, x_train).")
   lam = _common.eigh(m, eigenvectors=False)
-  _dyn_inputs.check_psd(name, "kernel", shape, lam, eps_dtype)
+  # numpy has no finfo for bfloat16 (check_psd would use float64's eps): its rounding margin
+  # max(10·A·eps, √eps)·λ_max is passed as an absolute error.
+  extra = (0. if np.issubdtype(eps_dtype, np.floating)
+           else max(10. * len(lam) * eps, math.sqrt(eps)) * max(float(lam[-1]), 0.))
+  _dyn_inputs.check_psd(name, "kernel", shape, lam, eps_dtype, absolute_error=extra)
   lam_max, lam_min = float(lam[-1]), float(lam[0])
   cond = _condition(name, lam_max, lam_min, m.shape[0], eps)
   tr = float(lam.sum())
@@ -128,13 +140,16 @@ def kernel_spectrum(kernel: Any, top_k: int = 10, *, name: str = "kernel_spectru
 
 
 def _diag_trace(diag: Any) -> float:
+  """Σ_n Tr Θ(x_n, x_n) from a per-example diagonal kernel (N,) or (N, *zipped), where the
+  zipped part is (a₁, a₁, a₂, a₂, …): rows on axes 1, 3, … and columns on axes 2, 4, …"""
   d = np.asarray(diag, np.float64)
   if d.ndim == 1:
     return float(d.sum())
   n = d.shape[0]
-  half = (d.ndim - 1) // 2
-  a = math.prod(d.shape[1:1 + half])
-  return float(np.trace(d.reshape(n, a, a), axis1=1, axis2=2).sum())
+  rows = d.shape[1::2]
+  order = (0,) + tuple(range(1, d.ndim, 2)) + tuple(range(2, d.ndim, 2))
+  a = math.prod(rows)
+  return float(np.trace(d.transpose(order).reshape(n, a, a), axis1=1, axis2=2).sum())
 
 
 def _lanczos_spectrum(fn: str, matvec: Callable, dim: int, dtype, top_k: int, tol: float,
@@ -146,11 +161,13 @@ def _lanczos_spectrum(fn: str, matvec: Callable, dim: int, dtype, top_k: int, to
     return np.array(matvec(jnp.asarray(np.ravel(v), dtype)), np.float64)
 
   op = scipy.sparse.linalg.LinearOperator((dim, dim), matvec=mv, dtype=np.float64)
-  eps = float(np.finfo(np.dtype(dtype)).eps)
+  eps = float(jnp.finfo(dtype).eps)  # jnp: np.finfo does not know bfloat16
+  rest = None  # Σλ² beyond the top-k, where it is known exactly
   if dim <= 2:  # ARPACK needs k < dim: build the tiny matrix column by column
     m = np.stack([mv(e) for e in np.eye(dim)], axis=1)
     lam = np.linalg.eigvalsh((m + m.T) / 2)
     top, lam_min, vecs = lam[::-1][:top_k], float(lam[0]), None
+    rest = float(np.sum(lam[::-1][top_k:] ** 2))
   else:
     k = max(1, min(top_k, dim - 1))
     ncv = min(dim, max(2 * k + 1, 20))
@@ -161,12 +178,16 @@ def _lanczos_spectrum(fn: str, matvec: Callable, dim: int, dtype, top_k: int, to
     lam_min = float(scipy.sparse.linalg.eigsh(op, k=1, which="SA", tol=tol,
                                               ncv=min(dim, 40), maxiter=100 * dim,
                                               return_eigenvectors=False)[0])
+    if k == dim - 1:  # all but the smallest eigenvalue are known, and it is λ_min
+      if top_k >= dim:
+        top = np.append(top, lam_min)
+      rest = 0. if top_k >= dim else lam_min ** 2
   lam_max = float(top[0])
   cond = _condition(fn, lam_max, lam_min, dim, eps)
   # Σλ² = Σ_top λ² + R, 0 ≤ R ≤ λ_k (Tr − Σ_top λ); R by Hutchinson on (I − P)Θ(I − P).
   sq_top = float(np.sum(top ** 2))
-  if vecs is None or len(top) >= dim:
-    r_lo = r_hi = r_est = 0.
+  if rest is not None:
+    r_lo = r_hi = r_est = rest
   else:
     r_lo, r_hi = 0., max(0., float(top[-1]) * (trace - float(np.sum(top))))
     rng = np.random.default_rng(seed)
@@ -200,7 +221,8 @@ def ntk_spectrum(model: Any, params: PyTree, x: PyTree, *, method: str = "auto",
       per-example diagonal), or "auto" (eigh up to `dense_max_dim` rows).
     top_k: number of largest eigenvalues to report.
     trace_axes: (-1,) for the logit-traced (N, N) kernel (default, the dynamics' Θ ⊗ I), ()
-      for the full (N·K, N·K) kernel.
+      for the full (N·K, N·K) kernel. Outputs (N,) have no logit axis: both give (N, N). The
+      batch axis 0 cannot be traced (ValueError).
     implementation, vmap_axes: passed to `empirical_ntk_fn`.
     dense_max_dim: the eigh/lanczos switch of "auto".
     tol: Lanczos relative tolerance.
@@ -219,8 +241,8 @@ def ntk_spectrum(model: Any, params: PyTree, x: PyTree, *, method: str = "auto",
   f = _common.as_f(model, fn)
   _common.check_params(fn, params)
   out_shape = _common.output_shape(fn, f, params, x)
-  traced = tuple(a % len(out_shape) for a in trace_axes)
-  dim = math.prod(s for i, s in enumerate(out_shape) if i not in traced)
+  trace_axes = _common.resolve_trace_axes(fn, out_shape, trace_axes)
+  dim = math.prod(s for i, s in enumerate(out_shape) if i not in trace_axes)
   if method == "auto":
     method = "eigh" if dim <= dense_max_dim else "lanczos"
   if method == "eigh":
@@ -230,7 +252,7 @@ def ntk_spectrum(model: Any, params: PyTree, x: PyTree, *, method: str = "auto",
   diag = _common.ntk_kernel(f, params, x, trace_axes=trace_axes,
                             implementation=implementation, vmap_axes=vmap_axes, diagonal=True)
   trace = _diag_trace(diag)
-  matvec, vshape = _common.kernel_matvec(f, params, x, out_shape, trace_axes)
+  matvec, vshape = _common.kernel_matvec(f, params, x, out_shape, trace_axes, fn)
   dtype = jnp.result_type(*jax.tree.leaves(params))
   return _lanczos_spectrum(fn, matvec, math.prod(vshape), dtype, top_k, tol, trace,
                            num_probes, seed)
@@ -243,7 +265,8 @@ def layer_traces(model: Any, params: PyTree, x: PyTree, *, trace_axes: Sequence[
   fn = "layer_traces"
   f = _common.as_f(model, fn)
   _common.check_params(fn, params)
-  _common.output_shape(fn, f, params, x)
+  out_shape = _common.output_shape(fn, f, params, x)
+  trace_axes = _common.resolve_trace_axes(fn, out_shape, trace_axes)
   parts = _common.ntk_kernel(f, params, x, trace_axes=trace_axes,
                              implementation=implementation, vmap_axes=vmap_axes,
                              per_parameter=True, diagonal=True)

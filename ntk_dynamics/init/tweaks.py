@@ -70,8 +70,16 @@ def effective_model(f: Callable, params: PyTree, lr_multipliers: PyTree
   With θ = √m ⊙ φ, SGD(η) on φ moves θ by −η m ∇_θ L, so `f_eff(φ, x) = f(√m ⊙ φ, x)` started
   from φ₀ = θ₀/√m trains exactly like `f` under `TweakResult.optimizer`, and its NTK is the
   effective kernel Σ_l m_l Θ_l that governs that training (use it for spectra and dynamics).
-  Returns `(f_eff, phi_0)`.
+  Returns `(f_eff, phi_0)`. Multipliers must be finite and > 0 (φ₀ = θ₀/√m), else ValueError.
   """
+  bad = [f"'{n}' ({np.asarray(m).min():.4g})" for n, m in
+         zip(_common.leaf_names(lr_multipliers), jax.tree.leaves(lr_multipliers))
+         if not isinstance(m, jax.core.Tracer) and np.size(m)
+         and not np.all(np.isfinite(np.asarray(m)) & (np.asarray(m) > 0))]
+  if bad:
+    raise ValueError(f"effective_model: `lr_multipliers` must be finite and > 0 (φ₀ = θ₀/√m); "
+                     f"got {', '.join(bad)} (smallest value shown). A zero multiplier freezes "
+                     "its leaf: close over it in f instead.")
   root = jax.tree.map(lambda m: jnp.sqrt(jnp.asarray(m)), lr_multipliers)
 
   def f_eff(phi, x, **kwargs):
@@ -120,6 +128,10 @@ def spectral_learning_rate(model: Any, params: PyTree, x: PyTree, *, factor: flo
   by 2–3× at finite width: its η_max is only that of the infinite-width approximation, and
   c < 1 of it can still diverge. Such a kernel is accepted with a RuntimeWarning.
 
+  A given `kernel` must be Θ(x, x) on this batch, full ((N, N, K, K) or flat (N·K, N·K)) or
+  logit-traced ((N, N)); another shape raises ValueError, and so does a zero kernel (no
+  parameter moves the outputs: λ_max = 0, no finite stable step).
+
   Returns:
     TweakResult with the model and params unchanged and `learning_rate` = c·η_max.
   """
@@ -127,34 +139,46 @@ def spectral_learning_rate(model: Any, params: PyTree, x: PyTree, *, factor: flo
   if not (isinstance(factor, numbers.Real) and math.isfinite(factor) and factor > 0):
     raise ValueError(f"{fn}: `factor` c must be a finite number > 0, got {factor!r}.")
   factor = float(factor)  # a numpy float32 factor would round the learning rate to float32
+  _dyn_inputs.check_scalar(fn, "momentum", momentum, upper=1.)
+  momentum = float(momentum)
+  if method not in ("auto", "eigh", "lanczos"):
+    raise ValueError(f"{fn}: `method` must be 'auto', 'eigh' or 'lanczos', got {method!r}.")
   f = _common.as_f(model, fn)
   _common.check_params(fn, params)
   out_shape = _common.output_shape(fn, f, params, x)
   size = (math.prod(out_shape) if y_size is None
           else _dyn_inputs.check_int(fn, "y_size", y_size))
-  traced = tuple(a % len(out_shape) for a in trace_axes)
   if kernel is None:
+    traced = _common.resolve_trace_axes(fn, out_shape, trace_axes)
     dim = math.prod(s for i, s in enumerate(out_shape) if i not in traced)
     if method == "auto":
       method = "eigh" if dim <= spectrum_lib.DENSE_MAX_DIM else "lanczos"
     if method == "eigh":
-      kernel = _common.ntk_kernel(f, params, x, trace_axes=trace_axes,
+      kernel = _common.ntk_kernel(f, params, x, trace_axes=traced,
                                   implementation=implementation, vmap_axes=vmap_axes)
-    elif method != "lanczos":
-      raise ValueError(f"{fn}: `method` must be 'auto', 'eigh' or 'lanczos', got {method!r}.")
   else:
-    traced = (-1,) if jnp.ndim(kernel) == 2 and jnp.shape(kernel)[0] != size else ()
+    traced = _kernel_traced_axes(fn, kernel, out_shape)
   approximate = any(out_shape[a] > 1 for a in traced)
   if approximate:
     _common.warn(f"{fn}: λ_max of a logit-traced kernel (Θ_tr ⊗ I) is a lower bound on that "
                  "of the full kernel, so η_max from it can make the linearized network "
                  "diverge; use the full kernel (trace_axes=()) for a stable step.")
   if kernel is not None:
-    eta_max = float(dynamics.max_learning_rate(jnp.asarray(kernel), size, momentum))
+    k = jnp.asarray(kernel)
+    if jnp.issubdtype(k.dtype, jnp.floating) and jnp.finfo(k.dtype).bits < 32:
+      k = k.astype(jnp.float32)  # XLA has no half-precision eigensolver
+    zero = not np.any(np.asarray(k) != 0)
+    eta_max = float(dynamics.max_learning_rate(k, size, momentum))
   else:
-    matvec, vshape = _common.kernel_matvec(f, params, x, out_shape, trace_axes)
+    matvec, vshape = _common.kernel_matvec(f, params, x, out_shape, traced, fn)
+    probe = np.random.default_rng(0).standard_normal(math.prod(vshape))
+    zero = not np.any(np.asarray(matvec(jnp.asarray(probe))) != 0)  # Θv = 0: Θ = 0 (a.s.)
     eta_max = float(dynamics.max_learning_rate(lambda v: matvec(jnp.ravel(v)), size, momentum,
                                                vector_shape=vshape))
+  if zero:
+    raise ValueError(f"{fn}: the kernel Θ(x, x) is zero (no parameter influences the outputs "
+                     "on these inputs: frozen, unused or dead parameters?), so λ_max = 0 and "
+                     "there is no largest stable step.")
   lam_max = 2. * (1. + momentum) * size / eta_max
   lr = factor * eta_max
   report = {"tweak": "spectral_learning_rate", "lambda_max": lam_max, "y_size": size,
@@ -164,6 +188,27 @@ def spectral_learning_rate(model: Any, params: PyTree, x: PyTree, *, factor: flo
             "normalisation": "eta_max = 2(1+m) N / lambda_max, loss 0.5*mean((f-y)^2), "
                              "optax.sgd"}
   return TweakResult(f, params, report, learning_rate=lr)
+
+
+def _kernel_traced_axes(fn: str, kernel: Any, out_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The output axes a precomputed `kernel` traces: () for the full kernel of outputs
+  `out_shape` (zipped (N, N, K, K) or flat (N·K, N·K)), (last,) for the logit-traced one
+  (zipped (N, N) or flat); raises ValueError naming both layouts for any other shape."""
+  shape = tuple(np.shape(kernel))
+  full = tuple(out_shape)
+  traced = full[:-1] if len(full) > 1 else full
+
+  def layouts(s):
+    return (tuple(d for a in s for d in (a, a)), (math.prod(s),) * 2)
+
+  if shape in layouts(full):
+    return ()
+  if shape in layouts(traced):
+    return (len(full) - 1,)
+  (zf, ff), (zt, ft) = layouts(full), layouts(traced)
+  raise ValueError(f"{fn}: `kernel` has shape {shape}, but f(params, x) has shape {full}: "
+                   f"expected Θ(x, x) on this batch, full {zf} (or flat {ff}) or logit-traced "
+                   f"{zt} (or flat {ft}).")
 
 
 # --- output centering ------------------------------------------------------------------------
@@ -215,7 +260,8 @@ def center_outputs(model: Any, params: PyTree, x: Optional[PyTree] = None, *,
   report = {"tweak": "center_outputs", "mode": mode, "num_params_before": n_before,
             "num_params_after": n_after}
   if x is not None:
-    _common.output_shape(fn, f, params, x)
+    trace_axes = _common.resolve_trace_axes(fn, _common.output_shape(fn, f, params, x),
+                                            trace_axes)
     report["max_abs_f0_before"] = float(jnp.max(jnp.abs(f(params, x))))
     report["max_abs_f0_after"] = float(jnp.max(jnp.abs(f_new(new_params, x))))
     if check_kernel:
@@ -223,7 +269,9 @@ def center_outputs(model: Any, params: PyTree, x: Optional[PyTree] = None, *,
                                          implementation=implementation, vmap_axes=vmap_axes))
       k1 = np.asarray(_common.ntk_kernel(f_new, new_params, x, trace_axes=trace_axes,
                                          implementation=implementation, vmap_axes=vmap_axes))
-      report["kernel_max_rel_change"] = float(np.max(np.abs(k1 - k0)) / np.max(np.abs(k0)))
+      change, scale = float(np.max(np.abs(k1 - k0))), float(np.max(np.abs(k0)))
+      report["kernel_max_rel_change"] = (change / scale if scale > 0
+                                         else (0. if change == 0 else math.inf))
   return TweakResult(f_new, new_params, report)
 
 
@@ -252,11 +300,14 @@ def balance_layers(model: Any, params: PyTree, x: PyTree, *,
     homogeneous network Θ_g ∝ Θ_g/α_g², so α_g ← α_g (share_g/target_g)^½ is exact in one
     step; otherwise it is iterated (step halved whenever the error grows) until every share is
     within `tol` (relative) of its target. Only groups holding a weight tensor take part;
-    targets are their shares of the trace these groups carry.
+    targets are their shares of the trace these groups carry. `bounds` (0 < lo ≤ 1 ≤ hi)
+    limit every α_g.
   method="learning_rate": params unchanged; per-leaf learning-rate multipliers
     m_g = target_g / share_g, normalised so Σ m_g share_g = 1, make the effective kernel
     Σ_g m_g Θ_g (the one SGD with these multipliers follows) have exactly the target shares at
     the same trace. Train with `result.optimizer(lr)`; `effective_model` gives its NTK.
+  Groups with no share of Tr Θ on x (unused, frozen or dead parameters) cannot be balanced:
+  they are left out (scale and multiplier 1) with a RuntimeWarning, and `target` must omit them.
 
   Returns:
     TweakResult (rescaled params, or `lr_multipliers`) with shares before/after and scales.
@@ -266,9 +317,11 @@ def balance_layers(model: Any, params: PyTree, x: PyTree, *,
     raise ValueError(f"{fn}: `method` must be one of {BALANCE_METHODS}, got {method!r}.")
   if by not in ("group", "leaf"):
     raise ValueError(f"{fn}: `by` must be 'group' or 'leaf', got {by!r}.")
+  lo, hi = _common.check_bounds(fn, bounds)
   f = _common.as_f(model, fn)
   _common.check_params(fn, params)
-  _common.output_shape(fn, f, params, x)
+  out_shape = _common.output_shape(fn, f, params, x)
+  trace_axes = _common.resolve_trace_axes(fn, out_shape, trace_axes)
   kw = dict(trace_axes=trace_axes, implementation=implementation, vmap_axes=vmap_axes)
   names = _common.leaf_names(params)
   groups = names if by == "leaf" else _common.leaf_groups(params)
@@ -286,18 +339,28 @@ def balance_layers(model: Any, params: PyTree, x: PyTree, *,
     active = [g for g in order if any(_is_weight(l) for l, gg in zip(leaves, groups) if gg == g)]
   else:
     active = list(order)
+  traces0 = group_traces(params)
+  # A group without a share of Tr Θ on x (unused, frozen or dead) cannot be given one by any
+  # scale or multiplier (log 0, m = target/0): it is left out.
+  idle = [g for g in active if not traces0[g] > 0]
+  if idle:
+    active = [g for g in active if g not in idle]
+    _common.warn(f"{fn}: {idle} carry no share of Tr Θ on x (unused, frozen or dead "
+                 "parameters); they cannot be balanced and are left as they are.")
   if len(active) < 2:
     raise ValueError(f"{fn}: need at least two {'layers' if by == 'group' else 'leaves'} "
-                     f"{'with a non-zero weight tensor ' if method == 'weights' else ''}to "
-                     f"balance; found {active}.")
+                     f"{'with a non-zero weight tensor ' if method == 'weights' else ''}and a "
+                     f"non-zero share of Tr Θ to balance; found {active}"
+                     f"{f' (no share: {idle})' if idle else ''}.")
   if target is None:
     tgt = {g: 1. / len(active) for g in active}
   else:
     unknown = sorted(set(target) - set(active))
     missing = sorted(set(active) - set(target))
     if unknown or missing:
+      why = f" ({idle} have no share of Tr Θ, so cannot be balanced)" if idle else ""
       raise ValueError(f"{fn}: `target` keys must be exactly the balanceable groups {active}; "
-                       f"unknown {unknown}, missing {missing}.")
+                       f"unknown {unknown}, missing {missing}{why}.")
     vals = np.array([float(target[g]) for g in active])
     if np.any(~np.isfinite(vals)) or np.any(vals <= 0):
       raise ValueError(f"{fn}: `target` shares must be finite and > 0, got {dict(target)}.")
@@ -313,7 +376,6 @@ def balance_layers(model: Any, params: PyTree, x: PyTree, *,
   def error(rel):
     return max(abs(rel[g] - tgt[g]) / tgt[g] for g in active)
 
-  traces0 = group_traces(params)
   total0 = sum(traces0.values())
   rel0 = relative(traces0)
   report = {"tweak": "balance_layers", "method": method, "by": by, "target": tgt,
@@ -331,7 +393,6 @@ def balance_layers(model: Any, params: PyTree, x: PyTree, *,
                   trace_after=trace_after)
     return TweakResult(f, params, report, lr_multipliers=mult)
 
-  lo, hi = bounds
   log_alpha = {g: 0. for g in active}
 
   def apply(la):

@@ -19,13 +19,48 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_dynamics._checks import check_finite
+from ntk_dynamics import _checks
 
 Axes = Union[int, Sequence[int]]
 
 
 def is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
+
+
+def check_finite(fn: str, name: str, x: Any) -> None:
+  """`_checks.check_finite` with the function's name in the message."""
+  try:
+    _checks.check_finite(name, x)
+  except ValueError as e:
+    raise ValueError(f"{fn}: {e}") from None
+
+
+def eps_of(dtype: Any) -> float:
+  """Machine epsilon of a floating dtype, bfloat16 included (np.finfo does not know it);
+  float64's for integer and boolean dtypes, which are exact."""
+  floating = jnp.issubdtype(np.dtype(dtype), jnp.floating)
+  return float(jnp.finfo(np.dtype(dtype) if floating else np.float64).eps)
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+  """The dtype the linear algebra runs in: `dtype`, widened to float32 for float16 and
+  bfloat16 (XLA has no half-precision eigensolver, and half-precision series, exponentials
+  and ODE steps would lose the accuracy the kernel has)."""
+  dtype = np.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and eps_of(dtype) > eps_of(np.float32):
+    return np.dtype(np.float32)
+  return dtype
+
+
+def check_real_array(fn: str, name: str, x: Any) -> None:
+  """Raises unless `x` holds real numbers: a boolean, integer or floating dtype (not complex,
+  string or object)."""
+  dtype = np.dtype(jnp.result_type(x)) if hasattr(x, "dtype") else np.asarray(x).dtype
+  if not (dtype == np.bool_ or jnp.issubdtype(dtype, jnp.integer)
+          or jnp.issubdtype(dtype, jnp.floating)):
+    raise ValueError(f"{fn}: `{name}` (shape {np.shape(x)}) must hold real numbers (a "
+                     f"boolean, integer or floating dtype), got dtype {dtype}.")
 
 
 def check_scalar(fn: str, name: str, value: Any, *, positive: bool = False,
@@ -35,7 +70,12 @@ def check_scalar(fn: str, name: str, value: Any, *, positive: bool = False,
     raise ValueError(f"{fn}: `{name}` must be a scalar, got shape {np.shape(value)}.")
   if not is_concrete(value):
     return
-  v = float(value)
+  try:
+    if isinstance(value, (str, bytes)) or np.iscomplexobj(value):
+      raise TypeError
+    v = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{fn}: `{name}` must be a real scalar, got {value!r}.") from None
   low_ok = v > 0 if positive else v >= 0
   high_ok = upper is None or v < upper
   if not (math.isfinite(v) and low_ok and high_ok):
@@ -66,8 +106,7 @@ def check_int(fn: str, name: str, value: Any, *, minimum: int = 1) -> int:
 def psd_tolerance(dim: int, dtype: Any) -> float:
   """Relative tolerance below 0 for the smallest eigenvalue of a PSD kernel computed at
   precision `dtype`: max(10·A·eps, √eps) (rounding of J Jᵀ and of the eigensolver)."""
-  eps = float(np.finfo(np.dtype(dtype) if np.issubdtype(np.dtype(dtype), np.floating)
-                       else np.float64).eps)
+  eps = eps_of(dtype)
   return max(10. * dim * eps, math.sqrt(eps))
 
 
@@ -98,19 +137,24 @@ def check_psd(fn: str, name: str, shape: tuple, evals: Any, dtype: Any,
 
 
 def check_symmetric(fn: str, name: str, matrix: jax.Array, shape: tuple) -> None:
-  """Raises if a concrete flattened kernel is not symmetric up to rounding."""
+  """Raises if a concrete flattened kernel is not symmetric up to rounding: max |K − Kᵀ| ≤
+  √eps · max |K| with eps that of float32, or of the kernel's own dtype if coarser (float16,
+  bfloat16)."""
   if not is_concrete(matrix):
     return
-  m = np.asarray(matrix)
+  eps = max(eps_of(matrix.dtype), eps_of(np.float32))
+  m = np.asarray(matrix, np.float64)
   scale = float(np.max(np.abs(m))) if m.size else 0.0
   # Loose enough for kernels accumulated in float32 (J₁J₂ᵀ and J₂J₁ᵀ round differently, by
-  # up to ~√eps₃₂ relative), tight enough to reject a test-train or otherwise wrong kernel.
-  tol = math.sqrt(np.finfo(np.float32).eps) * scale
+  # up to ~√eps₃₂ relative; √eps of a half-precision kernel), tight enough to reject a
+  # test-train or otherwise wrong kernel.
+  tol = math.sqrt(eps) * scale
   asym = float(np.max(np.abs(m - m.T))) if m.size else 0.0
   if asym > tol:
     raise ValueError(f"{fn}: `{name}` (shape {shape}) is not symmetric: max |K - Kᵀ| = "
-                     f"{asym:.3g} exceeds {tol:.3g} (√eps_float32 × max |K|). Pass the train-train "
-                     "kernel Θ(x_train, x_train).")
+                     f"{asym:.3g} exceeds {tol:.3g} (√eps × max |K| at "
+                     f"{np.dtype(matrix.dtype).name if eps > eps_of(np.float32) else 'float32'})."
+                     " Pass the train-train kernel Θ(x_train, x_train).")
 
 
 def check_times(fn: str, name: str, t: jax.Array, *, integer: bool) -> jax.Array:
@@ -120,6 +164,11 @@ def check_times(fn: str, name: str, t: jax.Array, *, integer: bool) -> jax.Array
     # Checked in numpy, before JAX converts: without x64 it would wrap int64 counts beyond
     # 2³¹ − 1 around to negative ones (and refuse such Python ints outright).
     values = np.asarray(t)
+    if values.dtype == np.bool_ or not (jnp.issubdtype(values.dtype, jnp.integer)
+                                        or jnp.issubdtype(values.dtype, jnp.floating)):
+      raise ValueError(f"{fn}: `{name}` must hold real numbers of steps (an integer or "
+                       f"floating dtype), got dtype {values.dtype} (shape {values.shape}).")
+    values = values.astype(np.float32) if values.dtype.kind == "V" else values  # bfloat16
     bad = ~np.isfinite(values) | (values < 0) if values.dtype.kind == "f" else values < 0
     if np.any(bad):
       raise ValueError(f"{fn}: `{name}` (shape {values.shape}) must be finite and >= 0; got "
@@ -129,7 +178,8 @@ def check_times(fn: str, name: str, t: jax.Array, *, integer: bool) -> jax.Array
                        f"an array of shape {values.shape} with non-integer entries (e.g. "
                        f"{values[values != np.round(values)].ravel()[:3]}).")
     limit = np.iinfo(step_dtype).max
-    if integer and values.size and np.max(values) > limit:
+    # Compared in float64: float32(2³¹) == float32(2³¹ − 1) would let 2³¹ steps through.
+    if integer and values.size and np.max(values.astype(np.float64)) > limit:
       raise ValueError(f"{fn}: `{name}` (shape {values.shape}) counts up to "
                        f"{np.max(values):.6g} steps, beyond the largest "
                        f"{np.dtype(step_dtype).name} ({limit}); enable jax_enable_x64 for "
@@ -156,6 +206,10 @@ class Layout:
     if ndim == 0:
       raise ValueError(f"{fn}: `y_train` must have at least one axis (the examples), got shape "
                        f"{shape} (a scalar); pass targets shaped (n,) or (n, k).")
+    if 0 in shape:
+      raise ValueError(f"{fn}: `y_train` has shape {shape}, with no entries: there is "
+                       "nothing to train on.")
+    check_real_array(fn, "y_train", y_train)
     axes = (trace_axes,) if isinstance(trace_axes, numbers.Integral) else tuple(trace_axes)
     if any(not isinstance(a, numbers.Integral) or not -ndim <= a < ndim for a in axes):
       raise ValueError(f"{fn}: `trace_axes` {trace_axes!r} must be integers in [-{ndim}, "
@@ -201,7 +255,8 @@ class Layout:
       raise ValueError(f"{fn}: `{name}` has shape {kernel.shape}; expected "
                        f"{self.kernel_shape}: each untraced axis of {self._describe()} "
                        "appears twice, zipped (N1, N2, K1, K2, ...).")
-    check_finite(name, kernel)
+    check_real_array(fn, name, kernel)
+    check_finite(fn, name, kernel)
     matrix = zipped_to_matrix(kernel)
     check_symmetric(fn, name, matrix, kernel.shape)
     return matrix
@@ -215,7 +270,8 @@ class Layout:
       raise ValueError(f"{fn}: `{name}` has shape {shape}; expected ({expected}) for test "
                        f"sizes M1, ...: the zipped test and train untraced axes for "
                        f"{self._describe()}.")
-    check_finite(name, kernel)
+    check_real_array(fn, name, kernel)
+    check_finite(fn, name, kernel)
     test_shape = list(self.shape)
     for a, d in zip(self.kept_axes, shape[0::2]):
       test_shape[a] = d
@@ -258,7 +314,7 @@ def check_prediction_inputs(fn: str, layout: Layout, fx_train_0: Any, fx_test_0:
     if np.ndim(fx_train_0) and np.shape(fx_train_0) != layout.shape:
       raise ValueError(f"{fn}: `fx_train_0` has shape {np.shape(fx_train_0)}; expected the "
                        f"`y_train` shape {layout.shape} (or a scalar).")
-    check_finite("fx_train_0", fx_train_0)
+    check_finite(fn, "fx_train_0", fx_train_0)
   if fx_test_0 is None:
     return None
   test_shape = layout.test_shape(fn, "k_test_train", k_test_train)
@@ -266,7 +322,7 @@ def check_prediction_inputs(fn: str, layout: Layout, fx_train_0: Any, fx_test_0:
     raise ValueError(f"{fn}: `fx_test_0` has shape {np.shape(fx_test_0)}; expected "
                      f"{test_shape} (from `k_test_train` shape {np.shape(k_test_train)} and "
                      f"`y_train` shape {layout.shape}), or a scalar.")
-  check_finite("fx_test_0", fx_test_0)
+  check_finite(fn, "fx_test_0", fx_test_0)
   return test_shape
 
 

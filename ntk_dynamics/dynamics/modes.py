@@ -28,7 +28,9 @@ def flow(s: jax.Array, t: jax.Array) -> jax.Array:
   """Gradient flow df/dτ = −Θ(f − y)/N at τ = η t.
 
   g = (1 − e^{−st}) / s, written as t · h(−st) with h(x) = expm1(x)/x, h(0) = 1 (accurate for
-  every x because expm1 is; a Taylor series near 0 keeps h and its derivative exact there).
+  every x because expm1 is; a Taylor series near 0 keeps h and its derivative exact there),
+  and as −expm1(−st)/s once st > 1 (then s > 1/t > 0): t · h(−st) would underflow h to 0,
+  hence g = 0, once st nears the largest float.
 
   Args:
     s: (A,) dimensionless rates ηλ/N.
@@ -37,7 +39,11 @@ def flow(s: jax.Array, t: jax.Array) -> jax.Array:
   Returns:
     (T, A) responses.
   """
-  return t[:, None] * _h1(-s[None, :] * t[:, None])
+  x = s[None, :] * t[:, None]
+  far = x > 1.
+  s_far = jnp.where(far, s[None, :], 1.)
+  return jnp.where(far, -jnp.expm1(-jnp.where(far, x, 1.)) / s_far,
+                   t[:, None] * _h1(-jnp.where(far, 0., x)))
 
 
 def _step_matrix(s: jax.Array, momentum: float) -> jax.Array:
@@ -118,7 +124,9 @@ def heavy_ball_flow(s: jax.Array, t: jax.Array, momentum: float) -> jax.Array:
     case), and g = (1 − φ)/s.
 
   No branch divides by s where s can vanish, and every branch is fed safe arguments where it is
-  not selected, so values and reverse-mode gradients stay finite.
+  not selected, so values and reverse-mode gradients stay finite. Times beyond
+  T = 500 (a/s + 1/a) are evaluated at T, where φ < e^{−100}: g = 1/s to rounding, and no
+  overflowing a t or s t (t near the largest float) turns into a NaN or a 0.
 
   Args:
     s: (A,) dimensionless rates ηλ/N.
@@ -133,6 +141,12 @@ def heavy_ball_flow(s: jax.Array, t: jax.Array, momentum: float) -> jax.Array:
   s2, t2 = s2.astype(dtype), t2.astype(dtype)
   shape = (t.size, s.size)
   a = (1. - jnp.asarray(momentum)).astype(dtype)
+  # φ decays at least as fast as e^{−t·min(s/a, 2a/9)} (slow overdamped root, or the
+  # 'other' regime below, with s ≥ 2a²/9): past the cap it is below e^{−100}, so g does not
+  # depend on the cap (no gradient through it, which would overflow for tiny s).
+  positive = s2 > 0
+  cap = jnp.where(positive, 500. * (a / jnp.where(positive, s2, 1.) + 1. / a), jnp.inf)
+  t2 = jnp.minimum(t2, jax.lax.stop_gradient(cap))
   aa = a * a
   p = jnp.broadcast_to(a * t2, shape)
   q = s2 * (t2 * t2)  # only compared, never differentiated

@@ -31,7 +31,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from ntk_dynamics._checks import check_finite
 from ntk_dynamics.dynamics import _inputs
 from ntk_dynamics.dynamics import modes
 from ntk_dynamics.dynamics import spectral
@@ -88,19 +87,20 @@ def _closed_form(fn: str, k_train_train: Any, y_train: Any, learning_rate: float
   layout = _inputs.Layout.create(fn, y_train, trace_axes)
   k_matrix = layout.train_kernel(fn, "k_train_train", k_train_train)
   kernel_dtype = k_matrix.dtype
+  # Predictions come back in `dtype`; float16/bfloat16 ones are computed in float32.
   dtype = jnp.result_type(kernel_dtype, jnp.asarray(y_train).dtype, float)
-  y = jnp.asarray(y_train, dtype)
-  check_finite("y_train", y)
-  k_matrix = k_matrix.astype(dtype)
+  y = jnp.asarray(y_train, _inputs.compute_dtype(dtype))
+  _inputs.check_finite(fn, "y_train", y)
+  k_matrix = k_matrix.astype(y.dtype)
   rho = spectral.regularizer(fn, k_matrix, diag_reg, diag_reg_absolute_scale)
-  k_reg = k_matrix + rho * jnp.eye(k_matrix.shape[0], dtype=dtype)
+  k_reg = k_matrix + rho * jnp.eye(k_matrix.shape[0], dtype=y.dtype)
   evals, evecs = spectral.eigh(k_reg)
   if _inputs.is_concrete(evals) and _inputs.is_concrete(rho):
     # Θ's own eigenvalues are those of Θ + ρI shifted back by ρ (to rounding of ρ).
     _inputs.check_psd(fn, "k_train_train", tuple(jnp.shape(k_train_train)),
                       evals - rho, kernel_dtype,
-                      absolute_error=evals.size * float(jnp.finfo(dtype).eps) * abs(float(rho)))
-  spectrum = spectral.Spectrum.create(k_reg, evals, evecs)
+                      absolute_error=evals.size * _inputs.eps_of(y.dtype) * abs(float(rho)))
+  spectrum = spectral.Spectrum.create(k_reg, evals, evecs, _inputs.eps_of(kernel_dtype))
   if discrete:
     stability.warn_if_unstable(fn, learning_rate, momentum or 0., spectrum.evals[-1],
                                layout.size)
@@ -118,10 +118,12 @@ def _closed_form(fn: str, k_train_train: Any, y_train: Any, learning_rate: float
     else:
       t = _inputs.check_times(fn, "t", t, integer=discrete)
       if not discrete:  # as the ODE: float64 times must not turn float32 predictions float64
-        t = t.astype(dtype)
+        t = t.astype(y.dtype)
       fx_train_t, fx_test_t = _predict_finite(
           layout, test_shape, response, response_args, learning_rate / layout.size, rates,
           spectrum, y, t, fx_train_0, fx_test_0, k_test_train)
+    fx_train_t = fx_train_t.astype(dtype)
+    fx_test_t = None if fx_test_t is None else fx_test_t.astype(dtype)
     if fx_test_t is None:
       return fx_train_t
     if fx_train_0 is None:
@@ -167,7 +169,8 @@ def gradient_descent_mse(k_train_train: Any, y_train: Any, learning_rate: float 
       fx_test_0: outputs on x_test at t = 0 (or a scalar); None: no test predictions.
       k_test_train: Θ(x_test, x_train), zipped, same `trace_axes`; needed with `fx_test_0`.
     It returns `fx_train_t`, `fx_test_t` (when `fx_train_0` is None) or
-    `(fx_train_t, fx_test_t)`, each with leading axes `t.shape` (none for t=None).
+    `(fx_train_t, fx_test_t)`, each with leading axes `t.shape` (none for t=None), in the
+    dtype of the kernel and targets (float16/bfloat16 predictions are computed in float32).
   """
   return _closed_form("gradient_descent_mse", k_train_train, y_train, learning_rate, diag_reg,
                       diag_reg_absolute_scale, trace_axes, modes.flow)

@@ -22,7 +22,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from ntk_dynamics._checks import check_finite
 from ntk_dynamics.dynamics import _dopri5
 from ntk_dynamics.dynamics import _inputs
 from ntk_dynamics.dynamics import spectral
@@ -67,7 +66,8 @@ def gradient_descent(loss: Loss, k_train_train: Any, y_train: Any, learning_rate
     scalar or array (any shape, any order) of times in steps, flow time τ = η t (τ = √η t
     with momentum); finite only (t=None raises: use the closed forms for t → ∞). Returns
     `fx_train_t`, `fx_test_t` (when `fx_train_0` is None) or `(fx_train_t, fx_test_t)` with
-    leading axes `t.shape`.
+    leading axes `t.shape`, in the dtype of the kernel and targets (float16/bfloat16 outputs
+    are integrated in float32).
   """
   fn = "gradient_descent"
   _inputs.check_scalar(fn, "learning_rate", learning_rate, positive=True)
@@ -81,14 +81,17 @@ def gradient_descent(loss: Loss, k_train_train: Any, y_train: Any, learning_rate
   if _inputs.is_concrete(k_matrix) and k_matrix.size:
     # As in `gradient_descent_mse`: Θ itself must be PSD (diag_reg does not excuse it), at the
     # kernel's own precision; skipped under `jax.jit`, where the kernel is traced.
+    wide = k_matrix.astype(_inputs.compute_dtype(k_matrix.dtype))  # no half-precision eigh
+    sym = (wide + wide.T) / 2
     _inputs.check_psd(fn, "k_train_train", tuple(jnp.shape(k_train_train)),
-                      jnp.linalg.eigvalsh((k_matrix + k_matrix.T) / 2), k_matrix.dtype)
+                      jnp.linalg.eigvalsh(sym), k_matrix.dtype)
+  # Outputs come back in `dtype`; float16/bfloat16 ones are integrated in float32.
   dtype = jnp.result_type(k_matrix.dtype, jnp.asarray(y_train).dtype, float)
-  y = jnp.asarray(y_train, dtype)
-  check_finite("y_train", y)
-  k_matrix = k_matrix.astype(dtype)
+  y = jnp.asarray(y_train, _inputs.compute_dtype(dtype))
+  _inputs.check_finite(fn, "y_train", y)
+  k_matrix = k_matrix.astype(y.dtype)
   rho = spectral.regularizer(fn, k_matrix, diag_reg, diag_reg_absolute_scale)
-  k_reg = k_matrix + rho * jnp.eye(k_matrix.shape[0], dtype=dtype)
+  k_reg = k_matrix + rho * jnp.eye(k_matrix.shape[0], dtype=y.dtype)
   loss_shape = jax.eval_shape(loss, y, y).shape
   if loss_shape != ():
     raise ValueError(f"{fn}: `loss(fx_train, y_train)` must return a scalar, got shape "
@@ -107,8 +110,10 @@ def gradient_descent(loss: Loss, k_train_train: Any, y_train: Any, learning_rate
         layout, test_shape, loss, momentum is None, learning_rate,
         0. if momentum is None else momentum, k_reg, y, t, fx_train_0, fx_test_0,
         None if fx_test_0 is None else k_test_train, rtol, atol, max_steps)
+    fx_train_t = fx_train_t.astype(dtype)
     if fx_test_t is None:
       return fx_train_t
+    fx_test_t = fx_test_t.astype(dtype)
     return fx_test_t if fx_train_0 is None else (fx_train_t, fx_test_t)
 
   return predict

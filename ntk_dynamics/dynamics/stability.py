@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse.linalg
 
-from ntk_dynamics._checks import check_finite
 from ntk_dynamics.dynamics import _inputs
 
 Matvec = Callable[[jax.Array], jax.Array]
@@ -26,13 +25,25 @@ DENSE_MAX_DIM = 2048
 
 
 def _as_matrix(fn: str, kernel: jax.Array) -> jax.Array:
+  """Zipped (N, N, K, K, ...) kernel -> (A, A) matrix; checks shape, dtype and finiteness.
+  Half-precision kernels come back in float32 (XLA has no half-precision eigensolver)."""
+  _inputs.check_real_array(fn, "k_train_train", kernel)
   kernel = jnp.asarray(kernel)
   if kernel.ndim % 2 or kernel.ndim == 0 or kernel.shape[0::2] != kernel.shape[1::2]:
     raise ValueError(f"{fn}: `k_train_train` has shape {kernel.shape}; expected a square "
                      "kernel in the zipped layout (N, N) or (N, N, K, K, ...).")
+  if kernel.size == 0:
+    raise ValueError(f"{fn}: `k_train_train` has shape {kernel.shape}, with no entries; "
+                     "expected the kernel of at least one training output.")
+  _inputs.check_finite(fn, "k_train_train", kernel)
   order = tuple(range(0, kernel.ndim, 2)) + tuple(range(1, kernel.ndim, 2))
   dim = math.prod(kernel.shape[0::2])
   return kernel.transpose(order).reshape(dim, dim)
+
+
+def _eigvalsh(matrix: jax.Array) -> jax.Array:
+  """Ascending eigenvalues, in float32 for a half-precision (A, A) matrix."""
+  return jnp.linalg.eigvalsh(matrix.astype(_inputs.compute_dtype(matrix.dtype)))
 
 
 def largest_eigenvalue(k_train_train: Union[jax.Array, Matvec], *,
@@ -48,8 +59,9 @@ def largest_eigenvalue(k_train_train: Union[jax.Array, Matvec], *,
     tol: relative tolerance of the Lanczos iteration (`scipy.sparse.linalg.eigsh`).
 
   Returns:
-    Scalar λ_max, in the units of the kernel. Kernels with at most `DENSE_MAX_DIM` rows use
-    the dense `eigvalsh` (jittable); larger ones and functions use Lanczos (not jittable).
+    Scalar λ_max, in the units of the kernel (float32 for a float16 or bfloat16 kernel, whose
+    eigenvalues are computed in float32). Kernels with at most `DENSE_MAX_DIM` rows use the
+    dense `eigvalsh` (jittable); larger ones and functions use Lanczos (not jittable).
   """
   fn = "largest_eigenvalue"
   if callable(k_train_train):
@@ -57,15 +69,15 @@ def largest_eigenvalue(k_train_train: Union[jax.Array, Matvec], *,
       raise ValueError(f"{fn}: `vector_shape` (the shape of v in v -> Θv, e.g. y_train.shape) "
                        "is required when `k_train_train` is a function.")
     shape = tuple(vector_shape)
-    dtype = jnp.dtype(dtype or jnp.result_type(float))
+    dtype = _inputs.compute_dtype(jnp.dtype(dtype or jnp.result_type(float)))
     matvec = jax.jit(lambda v: jnp.ravel(k_train_train(v.reshape(shape))))
     dim = math.prod(shape)
   else:
     matrix = _as_matrix(fn, k_train_train)
-    check_finite("k_train_train", matrix)
-    dim, dtype = matrix.shape[0], matrix.dtype
+    dim, dtype = matrix.shape[0], _inputs.compute_dtype(matrix.dtype)
     if dim <= DENSE_MAX_DIM or not _inputs.is_concrete(matrix):
-      return jnp.linalg.eigvalsh(matrix)[-1]
+      return _eigvalsh(matrix)[-1]
+    matrix = matrix.astype(dtype)
     matvec = jax.jit(lambda v: matrix @ v)
   if dim == 1:  # ARPACK needs k < dim: a 1x1 kernel is its own eigenvalue
     return jnp.ravel(matvec(jnp.ones((1,), dtype)))[0]
@@ -111,7 +123,7 @@ def max_learning_rate(k_train_train: Union[jax.Array, Matvec], y_train_size: int
       zero; a positive λ_max is used as it is, however small the kernel's units.
 
   Returns:
-    Scalar η_max. A concrete dense kernel must be symmetric and positive semi-definite up to
+    Scalar η_max (float32 for a float16 or bfloat16 kernel). A concrete dense kernel must be symmetric and positive semi-definite up to
     rounding (smallest eigenvalue ≥ −max(10·A·eps, √eps)·λ_max), else ValueError.
   """
   fn = "max_learning_rate"
@@ -129,13 +141,12 @@ def _checked_largest_eigenvalue(fn: str, k_train_train: Any) -> jax.Array:
   """λ_max of a dense kernel; a concrete one must be PSD (to rounding): all eigenvalues are
   checked up to `DENSE_MAX_DIM` rows, only λ_max > 0 (for a nonzero kernel) above."""
   matrix = _as_matrix(fn, k_train_train)
-  check_finite("k_train_train", matrix)
   shape = tuple(jnp.shape(k_train_train))
   if not _inputs.is_concrete(matrix):
-    return jnp.linalg.eigvalsh(matrix)[-1]
+    return _eigvalsh(matrix)[-1]
   _inputs.check_symmetric(fn, "k_train_train", matrix, shape)
   if matrix.shape[0] <= DENSE_MAX_DIM:
-    evals = jnp.linalg.eigvalsh(matrix)
+    evals = _eigvalsh(matrix)
     _inputs.check_psd(fn, "k_train_train", shape, evals, matrix.dtype)
     return evals[-1]
   lam = largest_eigenvalue(k_train_train)

@@ -87,6 +87,19 @@ def non_negative_int(text: str) -> int:
   return v
 
 
+def refuse_other_settings(command: str, what: str, stored: dict, settings: dict,
+                          flags: set) -> None:
+  """Raises SystemExit when `--resume` would mix results computed with other settings:
+  names up to four that changed (as --flags where they are options), old -> new."""
+  changed = [f"{'--' + k.replace('_', '-') if k in flags else k} {stored.get(k)!r} -> "
+             f"{settings.get(k)!r}" for k in sorted(set(stored) | set(settings))
+             if stored.get(k) != settings.get(k)]
+  if changed:
+    raise SystemExit(f"{command}: --resume: {what} other settings ("
+                     + "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else "")
+                     + "); use another --out, or drop --resume to start over.")
+
+
 def _finite_float(text: str, zero_ok: bool) -> float:
   try:
     v = float(text)

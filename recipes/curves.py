@@ -25,7 +25,7 @@ import warnings
 from typing import Optional
 
 from recipes.cli import (SEED_LIMIT, int_list, non_negative_int, out_folder, positive_float,
-                         positive_int, seed_int, writable_folder)
+                         positive_int, refuse_other_settings, seed_int, writable_folder)
 
 MODELS = ("mlp", "cnn", "resnet")
 DEFAULT_WIDTH = {"mlp": 2048, "cnn": 32, "resnet": 16}
@@ -372,13 +372,7 @@ def _check_resume(out: pathlib.Path, settings: dict, flags: set) -> None:
   except (OSError, ValueError, AttributeError) as e:
     raise SystemExit(f"curves: --resume cannot read {path} ({e}); use another --out, or "
                      "drop --resume to start over.") from None
-  changed = [f"{'--' + k.replace('_', '-') if k in flags else k} {stored.get(k)!r} -> "
-             f"{settings.get(k)!r}" for k in sorted(set(stored) | set(settings))
-             if stored.get(k) != settings.get(k)]
-  if changed:
-    raise SystemExit(f"curves: --resume: {out} holds runs with other settings ("
-                     + "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else "")
-                     + "); use another --out, or drop --resume to start over.")
+  refuse_other_settings("curves", f"{out} holds runs with", stored, settings, flags)
 
 
 def _completed(run_dir: pathlib.Path, fingerprint: str) -> Optional[dict]:

@@ -35,7 +35,7 @@ import sys
 import time
 
 from recipes.cli import (SEED_LIMIT, int_list, non_negative_float, non_negative_int, out_folder,
-                         positive_float, positive_int, writable_folder)
+                         positive_float, positive_int, refuse_other_settings, writable_folder)
 
 ROWS = ("default", "spectral_lr", "catapult", "centered", "balanced", "balanced_lr",
         "scale_search", "gradinit")
@@ -158,13 +158,7 @@ def _resumable(path, settings: dict, flags: set) -> tuple[dict, list, float]:
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     _fail(f"--resume cannot read {path} ({type(e).__name__}: {e}); delete it to start over, "
           "or drop --resume.")
-  changed = [f"{'--' + k.replace('_', '-') if k in flags else k} {stored.get(k)!r} -> "
-             f"{settings.get(k)!r}" for k in sorted(set(stored) | set(settings))
-             if stored.get(k) != settings.get(k)]
-  if changed:
-    _fail(f"--resume: {path} holds results computed with other settings ("
-          + "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else "")
-          + "); use another --out, or drop --resume to start over.")
+  refuse_other_settings("init", f"{path} holds results computed with", stored, settings, flags)
   return done, warnings, seconds
 
 

@@ -110,20 +110,13 @@ def kernel_spectrum(kernel: Any, top_k: int = 10, *, name: str = "kernel_spectru
     raise ValueError(f"{name}: `top_k` must be a positive int, got {top_k!r}.")
   k_dtype = jnp.result_type(kernel) if hasattr(kernel, "dtype") else np.float64
   eps_dtype = np.dtype(k_dtype) if jnp.issubdtype(k_dtype, jnp.floating) else np.float64
-  eps = float(jnp.finfo(eps_dtype).eps)  # jnp: np.finfo does not know bfloat16
+  eps = _dyn_inputs.eps_of(eps_dtype)
   m = _common.kernel_matrix(kernel, name)
   if m.shape[0] == 0:
     raise ValueError(f"{name}: the kernel is empty (0 examples).")
   shape = tuple(np.shape(kernel))
-  raw = _dyn_inputs.zipped_to_matrix(np.asarray(kernel, np.float64))
-  if eps <= np.finfo(np.float32).eps:
-    _dyn_inputs.check_symmetric(name, "kernel", raw, shape)
-  else:  # half precision: J₁J₂ᵀ and J₂J₁ᵀ round apart by up to ~√eps (not √eps₃₂) relative
-    asym, tol = float(np.max(np.abs(raw - raw.T))), math.sqrt(eps) * float(np.max(np.abs(raw)))
-    if asym > tol:
-      raise ValueError(f"{name}: `kernel` (shape {shape}) is not symmetric: max |K - Kᵀ| = "
-                       f"{asym:.3g} exceeds {tol:.3g} (√eps × max |K| at {np.dtype(eps_dtype)}"
-                       "). Pass the train-train kernel Θ(x_train, x_train).")
+  _dyn_inputs.check_symmetric(name, "kernel", _dyn_inputs.zipped_to_matrix(np.asarray(kernel)),
+                              shape)
   lam = _common.eigh(m, eigenvectors=False)
   _dyn_inputs.check_psd(name, "kernel", shape, lam, eps_dtype)
   lam_max, lam_min = float(lam[-1]), float(lam[0])
@@ -157,7 +150,7 @@ def _lanczos_spectrum(fn: str, matvec: Callable, dim: int, dtype, top_k: int, to
     return np.array(matvec(jnp.asarray(np.ravel(v), dtype)), np.float64)
 
   op = scipy.sparse.linalg.LinearOperator((dim, dim), matvec=mv, dtype=np.float64)
-  eps = float(jnp.finfo(dtype).eps)  # jnp: np.finfo does not know bfloat16
+  eps = _dyn_inputs.eps_of(dtype)
   rest = None  # Σλ² beyond the top-k, where it is known exactly
   if dim <= 2:  # ARPACK needs k < dim: build the tiny matrix column by column
     m = np.stack([mv(e) for e in np.eye(dim)], axis=1)

@@ -163,23 +163,19 @@ def spectral_learning_rate(model: Any, params: PyTree, x: PyTree, *, factor: flo
     _common.warn(f"{fn}: λ_max of a logit-traced kernel (Θ_tr ⊗ I) is a lower bound on that "
                  "of the full kernel, so η_max from it can make the linearized network "
                  "diverge; use the full kernel (trace_axes=()) for a stable step.")
-  if kernel is not None:
+  if kernel is not None:  # max_learning_rate checks a given kernel (symmetric, PSD)
     k = jnp.asarray(kernel)
-    if jnp.issubdtype(k.dtype, jnp.floating) and jnp.finfo(k.dtype).bits < 32:
-      k = k.astype(jnp.float32)  # XLA has no half-precision eigensolver
-    zero = not np.any(np.asarray(k) != 0)
     eta_max = float(dynamics.max_learning_rate(k, size, momentum))
-  else:
+    lam_max = 2. * (1. + momentum) * size / eta_max if np.any(np.asarray(k) != 0) else 0.
+  else:  # exactly 0 for Θ = 0 (a random probe with Θv = 0)
     matvec, vshape = _common.kernel_matvec(f, params, x, out_shape, traced, fn)
-    probe = np.random.default_rng(0).standard_normal(math.prod(vshape))
-    zero = not np.any(np.asarray(matvec(jnp.asarray(probe))) != 0)  # Θv = 0: Θ = 0 (a.s.)
-    eta_max = float(dynamics.max_learning_rate(lambda v: matvec(jnp.ravel(v)), size, momentum,
-                                               vector_shape=vshape))
-  if zero:
+    lam_max = float(dynamics.largest_eigenvalue(lambda v: matvec(jnp.ravel(v)),
+                                                vector_shape=vshape))
+    eta_max = 2. * (1. + momentum) * size / lam_max if lam_max > 0 else math.inf
+  if not lam_max > 0:
     raise ValueError(f"{fn}: the kernel Θ(x, x) is zero (no parameter influences the outputs "
                      "on these inputs: frozen, unused or dead parameters?), so λ_max = 0 and "
                      "there is no largest stable step.")
-  lam_max = 2. * (1. + momentum) * size / eta_max
   lr = factor * eta_max
   report = {"tweak": "spectral_learning_rate", "lambda_max": lam_max, "y_size": size,
             "momentum": momentum, "eta_max": eta_max, "factor": factor, "learning_rate": lr,
